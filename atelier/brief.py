@@ -1,0 +1,271 @@
+"""The YAML brief: parsed once, at the edge, into frozen typed objects.
+
+``load_brief(path)`` is the only entry point. It reads the file with ``yaml.safe_load``, validates
+it with pydantic (unknown keys, wrong types, ranges), then checks the file system (reference images
+exist, stay inside the brief's folder, and open as images). Any problem raises ``BriefError`` naming
+the file and the field, e.g. ``campaigns/x.yaml: deliverables[1].aspect: expected W:H like 16:9``.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+
+from atelier.errors import BriefError
+
+NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+MAX_SIDE = 8192  # px; larger finals are almost surely a typo (and take GBs of RAM to upscale)
+MIN_SIDE = 64
+MAX_DRAFTS = 64
+SIZE_PRESETS = {"4k": 3840, "2k": 2048, "1080p": 1920}  # long side in px at the deliverable's aspect
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class Brand(_Strict):
+    style_refs: tuple[str, ...] = Field(min_length=1)
+    negative: str = ""
+
+
+class Inpaint(_Strict):
+    prompt: str
+    region: tuple[float, float, float, float] | None = None  # x, y, w, h as fractions of the image
+    mask: str | None = None  # image path relative to the brief's folder; white = repaint
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Inpaint":
+        if (self.region is None) == (self.mask is None):
+            raise ValueError("give exactly one of region: [x, y, w, h] or mask: PATH")
+        return self
+
+    @field_validator("region")
+    @classmethod
+    def _inside(cls, region):
+        if region is None:
+            return region
+        x, y, w, h = region
+        if not (0 <= x < 1 and 0 <= y < 1 and 0 < w <= 1 and 0 < h <= 1):
+            raise ValueError(f"region values must be fractions: 0 <= x, y < 1 and 0 < w, h <= 1, got {list(region)}")
+        if x + w > 1 + 1e-9 or y + h > 1 + 1e-9:
+            raise ValueError(f"region {list(region)} reaches outside the image (x + w and y + h must be <= 1)")
+        return region
+
+
+class Post(_Strict):
+    inpaint: Inpaint | None = None
+    face_restore: bool = False
+    upscale: bool = False
+
+
+class Deliverable(_Strict):
+    name: Name
+    prompt: Annotated[str, StringConstraints(min_length=1, max_length=2000)]
+    negative: str = ""
+    aspect: str = "1:1"
+    drafts: int = Field(default=8, ge=1, le=MAX_DRAFTS)
+    keep: int = Field(default=2, ge=1, le=MAX_DRAFTS)
+    size: str = "1080p"
+    post: Post = Post()
+
+    @field_validator("aspect")
+    @classmethod
+    def _aspect(cls, value: str) -> str:
+        m = re.fullmatch(r"\s*(\d{1,3})\s*:\s*(\d{1,3})\s*", value)
+        if not m or int(m[1]) == 0 or int(m[2]) == 0:
+            raise ValueError(f'expected W:H like 16:9, got "{value}"')
+        ratio = int(m[1]) / int(m[2])
+        if not 0.25 <= ratio <= 4:
+            raise ValueError(f'aspect ratio must be between 1:4 and 4:1, got "{value}"')
+        return f"{int(m[1])}:{int(m[2])}"
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in SIZE_PRESETS:
+            return value
+        m = re.fullmatch(r"(\d{1,6})x(\d{1,6})", value)
+        if not m:
+            raise ValueError(f'expected 4k, 2k, 1080p or WxH like 1920x1080, got "{value}"')
+        w, h = int(m[1]), int(m[2])
+        if not (MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE):
+            raise ValueError(f"each side must be between {MIN_SIDE} and {MAX_SIDE} px, got {w}x{h}")
+        return value
+
+    @model_validator(mode="after")
+    def _keep(self) -> "Deliverable":
+        if self.keep > self.drafts:
+            raise ValueError(f"keep ({self.keep}) must be <= drafts ({self.drafts})")
+        return self
+
+    @property
+    def aspect_ratio(self) -> float:
+        w, h = self.aspect.split(":")
+        return int(w) / int(h)
+
+    def final_size(self) -> tuple[int, int]:
+        """Delivered (width, height): presets fix the long side at the deliverable's aspect."""
+        if self.size in SIZE_PRESETS:
+            long_side = SIZE_PRESETS[self.size]
+            r = self.aspect_ratio
+            w, h = (long_side, long_side / r) if r >= 1 else (long_side * r, long_side)
+            return int(round(w / 8) * 8), int(round(h / 8) * 8)
+        w, h = self.size.split("x")
+        return int(w), int(h)
+
+
+class Brief(_Strict):
+    campaign: Name
+    profile: str = "tiny"
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    brand: Brand
+    deliverables: tuple[Deliverable, ...] = Field(min_length=1, max_length=50)
+    max_style_refs: int = Field(default=4, ge=1, le=16)  # the mood board keeps the N most central refs
+
+    @field_validator("deliverables")
+    @classmethod
+    def _unique(cls, items):
+        seen: set[str] = set()
+        for i, d in enumerate(items):
+            if d.name in seen:
+                raise ValueError(f'duplicate deliverable name "{d.name}" (deliverables[{i}])')
+            seen.add(d.name)
+        return items
+
+
+@dataclass(frozen=True)
+class Campaign:
+    """A validated brief plus what the file system told us: resolved paths and the brief's hash."""
+
+    path: Path
+    brief: Brief
+    style_refs: tuple[Path, ...]
+    masks: tuple[tuple[str, Path], ...]  # (deliverable name, mask file)
+    sha256: str
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    def mask_for(self, deliverable: str) -> Path | None:
+        return dict(self.masks).get(deliverable)
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "tagged-union"):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _first_error(file: str, err: ValidationError) -> BriefError:
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or "function" in p)))
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif e["type"] == "missing":
+        msg = "required key is missing"
+    elif e["type"] == "string_pattern_mismatch":
+        msg = f"use letters, digits, - and _ only (1-64 characters), got {e.get('input')!r}"
+    return BriefError(file, _loc(loc), msg)
+
+
+def _resolve_inside(file: str, field: str, root: Path, pattern: str) -> list[Path]:
+    """Expand a path or glob relative to ``root``; every match must stay inside ``root``."""
+    if Path(pattern).is_absolute():
+        raise BriefError(file, field, f'"{pattern}" must be relative to the brief\'s folder')
+    matches = sorted(glob.glob(str(root / pattern), recursive=True)) if glob.has_magic(pattern) else [str(root / pattern)]
+    if not matches:
+        raise BriefError(file, field, f'"{pattern}" matches no file in {root}')
+    out = []
+    root_real = root.resolve()
+    for m in matches:
+        p = Path(m).resolve()
+        if not p.is_relative_to(root_real):
+            raise BriefError(file, field, f'"{pattern}" points outside the brief\'s folder')
+        if not p.is_file():
+            raise BriefError(file, field, f'"{pattern}": no such file')
+        out.append(p)
+    return out
+
+
+def _check_image(file: str, field: str, path: Path) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise BriefError(file, field, f'"{path.name}" is not a readable image ({type(exc).__name__})') from None
+
+
+def load_brief(path: str | Path, profile_names: tuple[str, ...] | None = None) -> Campaign:
+    """Parse and fully validate a brief; raise ``BriefError`` on the first problem."""
+    path = Path(path)
+    file = str(path)
+    try:
+        raw_bytes = path.read_bytes()
+    except OSError as exc:
+        raise BriefError(file, "", f"cannot read brief ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(raw_bytes)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise BriefError(file, "", f"YAML syntax error: {where}{problem}") from None
+    if not isinstance(data, dict):
+        raise BriefError(file, "", f"expected a mapping of keys (campaign, brand, deliverables...), got {type(data).__name__}")
+    try:
+        brief = Brief.model_validate(data)
+    except ValidationError as err:
+        raise _first_error(file, err) from None
+
+    if profile_names is None:
+        from atelier.registry import PROFILES
+
+        profile_names = tuple(PROFILES)
+    if brief.profile not in profile_names:
+        raise BriefError(file, "profile", f'unknown profile "{brief.profile}"; known: {", ".join(profile_names)}')
+
+    root = path.parent
+    refs: list[Path] = []
+    for i, pattern in enumerate(brief.brand.style_refs):
+        field = f"brand.style_refs[{i}]"
+        for p in _resolve_inside(file, field, root, pattern):
+            _check_image(file, field, p)
+            if p not in refs:
+                refs.append(p)
+    masks = []
+    for i, d in enumerate(brief.deliverables):
+        if d.post.inpaint is not None and d.post.inpaint.mask is not None:
+            field = f"deliverables[{i}].post.inpaint.mask"
+            [p] = _resolve_inside(file, field, root, d.post.inpaint.mask)[:1]
+            _check_image(file, field, p)
+            masks.append((d.name, p))
+    return Campaign(path=path.resolve(), brief=brief, style_refs=tuple(refs), masks=tuple(masks),
+                    sha256=hashlib.sha256(raw_bytes).hexdigest())
+
+
+def fit_to_area(aspect: float, pixels: int, multiple: int) -> tuple[int, int]:
+    """(width, height) with width/height ~= aspect, width*height ~= pixels, both multiples of ``multiple``."""
+    h = math.sqrt(pixels / aspect)
+    w = h * aspect
+    return max(multiple, int(round(w / multiple)) * multiple), max(multiple, int(round(h / multiple)) * multiple)

@@ -1,0 +1,94 @@
+"""Run reports and lineage walks as plain data (the CLI renders them with Rich or as JSON)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from sqlalchemy.orm import Session
+
+from atelier.registry import PROFILES
+from store import queries
+from store.queries import STAGE_ORDER
+from store.schema import Asset, Run
+
+CHAIN = ["draft", "select", "refine", "inpaint", "face_restore", "upscale"]
+# Parameters worth showing per stage in trees (everything is in --json).
+SHOWN = {
+    "reference": ["source"],
+    "moodboard": ["max_style_refs"],
+    "draft": ["prompt", "seed", "steps", "scheduler", "width", "height"],
+    "select": ["rank", "prompt_score", "moodboard_score", "total"],
+    "refine": ["seed", "steps", "strength", "scheduler", "width", "height"],
+    "mask": ["region", "source"],
+    "inpaint": ["prompt", "seed", "steps"],
+    "face_restore": ["faces"],
+    "upscale": ["width", "height", "tile"],
+}
+
+
+def run_dict(run: Run) -> dict:
+    return {"id": run.id, "campaign": run.campaign, "brief": run.brief_path, "profile": run.profile,
+            "status": run.status, "started_at": run.started_at.isoformat(timespec="seconds"),
+            "finished_at": run.finished_at.isoformat(timespec="seconds") if run.finished_at else None,
+            "seconds": (run.finished_at - run.started_at).total_seconds() if run.finished_at else None,
+            "error": run.error,
+            "random_weights": PROFILES[run.profile].random_weights if run.profile in PROFILES else None}
+
+
+def asset_dict(a: Asset, full: bool = True) -> dict:
+    out = {"key": a.key, "stage": a.stage, "deliverable": a.deliverable, "path": a.path, "sha256": a.sha256,
+           "width": a.width, "height": a.height, "seconds": round(a.seconds, 4)}
+    if full:
+        out.update(params=a.params, model=a.model, run_id=a.run_id, created_at=a.created_at.isoformat(timespec="seconds"))
+    return out
+
+
+def run_report(session: Session, run: Run) -> dict:
+    """Per stage: assets and seconds; per deliverable: drafts with scores, kept, refined, post-edit, finals."""
+    members = queries.run_assets(session, run.id)
+    # Counts come from run membership (authoritative); seconds from the stage executions.
+    stages: dict[str, dict] = {}
+    for ra, a in sorted(members, key=lambda m: STAGE_ORDER.index(m[1].stage) if m[1].stage in STAGE_ORDER else 99):
+        agg = stages.setdefault(a.stage, {"assets": 0, "computed": 0, "reused": 0, "seconds": 0.0})
+        agg["assets"] += 1
+        agg[ra.status] += 1
+    per_deliverable: dict[str, dict] = defaultdict(lambda: {"stages": {}})
+    for sr in queries.stage_runs(session, run.id):
+        agg = stages.setdefault(sr.stage, {"assets": 0, "computed": 0, "reused": 0, "seconds": 0.0})
+        agg["seconds"] = round(agg["seconds"] + sr.seconds, 3)
+        if sr.deliverable:
+            per_deliverable[sr.deliverable]["stages"][sr.stage] = {
+                "seconds": round(sr.seconds, 3), "computed": sr.computed, "reused": sr.reused}
+
+    drafts = [a for _, a in members if a.stage == "draft"]
+    scores = queries.scores_by_draft(session, [a.key for a in drafts])
+    finals = {ra.asset_key: ra.export_path for ra, _ in members if ra.final}
+    for _, a in sorted(members, key=lambda m: (CHAIN.index(m[1].stage) if m[1].stage in CHAIN else -1, m[1].key)):
+        if a.deliverable is None or a.stage not in CHAIN:
+            continue
+        entry = per_deliverable[a.deliverable].setdefault(a.stage, [])
+        item = {"key": a.key, "path": a.path, "width": a.width, "height": a.height}
+        if a.stage == "draft":
+            item["seed"] = a.params.get("seed")
+            item["index"] = a.params.get("index")
+            sc = max(scores.get(a.key, []), key=lambda s: s.kept, default=None)
+            if sc is not None:
+                item.update(prompt_score=round(sc.prompt_score, 4), moodboard_score=round(sc.moodboard_score, 4),
+                            total=round(sc.total, 4), kept=sc.kept, rank=sc.rank)
+        if a.stage == "face_restore":
+            item["faces"] = a.params.get("faces", [])
+        if a.key in finals:
+            item["final"] = finals[a.key]
+        entry.append(item)
+    for d in per_deliverable.values():
+        if "draft" in d:
+            d["draft"].sort(key=lambda x: x.get("index") or 0)
+        if "select" in d:
+            d["select"].sort(key=lambda x: x["key"])
+    return {"run": run_dict(run), "stages": stages, "deliverables": dict(per_deliverable),
+            "finals": sorted(finals.values())}
+
+
+def lineage_dict(node: dict) -> dict:
+    a: Asset = node["asset"]
+    return {"role": node["role"], **asset_dict(a), "parents": [lineage_dict(p) for p in node["parents"]]}

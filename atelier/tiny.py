@@ -1,0 +1,218 @@
+"""Random-weight test models, built from configs and saved as ordinary checkpoints.
+
+No machine here can reach a model hub, so the ``tiny`` profile builds each model once from a small
+config with seeded random weights, saves it under ``<home>/models/tiny/`` in the same on-disk format a
+real checkpoint has (diffusers folders, open_clip ``.safetensors`` + model config, GFPGAN / Real-ESRGAN
+``.pth``), and the registry loads it back through the same ``from_pretrained`` / file-loading code a
+real checkpoint uses. Outputs of these models are noise-like: they exercise the code paths, not quality.
+
+Every builder writes into a temporary folder and renames it into place, so a crash never leaves a
+half-written model behind.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+TINY_SEED = 20261122  # fixed, so every machine builds byte-identical tiny weights
+
+# Tiny sizes: large enough to run every layer type, small enough for ~1 s per batch on 2 CPU cores.
+CROSS_ATTENTION_DIM = 32
+CLIP_EMBED_DIM = 32
+OPEN_CLIP_ARCH = "atelier-tiny-clip"
+OPEN_CLIP_CONFIG = {
+    "embed_dim": CLIP_EMBED_DIM,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+GFPGAN_TINY_ARGS = dict(
+    out_size=128, num_style_feat=64, channel_multiplier=1, decoder_load_path=None, fix_decoder=False,
+    num_mlp=2, input_is_latent=True, different_w=True, narrow=0.5, sft_half=True,
+)
+REALESRGAN_TINY_ARGS = dict(num_in_ch=3, num_out_ch=3, num_feat=16, num_conv=4, upscale=4, act_type="prelu")
+
+
+def _atomic_dir(target: Path, build: Callable[[Path], None]) -> Path:
+    """Run ``build(tmp_dir)`` and rename the result to ``target``; no-op if ``target`` exists."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not target.exists():  # a concurrent builder won the race otherwise
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def write_clip_tokenizer(out: Path) -> None:
+    """Write a transformers ``CLIPTokenizer`` (vocab.json + merges.txt) from open_clip's bundled BPE.
+
+    Same 49,408-token vocabulary and ids as ``open_clip.tokenize``; only the special tokens carry the
+    names transformers expects.
+    """
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab += ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                    "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "do_lower_case": True})
+    )
+
+
+def _build_sd(out: Path) -> None:
+    """A Stable-Diffusion-1.x-shaped pipeline: UNet, VAE, CLIP text encoder, LCM scheduler."""
+    import torch
+    from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(TINY_SEED)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=CROSS_ATTENTION_DIM,
+        attention_head_dim=8, norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=32, sample_size=64,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=CROSS_ATTENTION_DIM, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    write_clip_tokenizer(out / "_tok")
+    tokenizer = CLIPTokenizer.from_pretrained(out / "_tok", model_max_length=77)
+    scheduler = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                             num_train_timesteps=1000, prediction_type="epsilon", steps_offset=1)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                  crop_size={"height": 32, "width": 32}),
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    shutil.rmtree(out / "_tok")
+
+
+def _build_ip_adapter(out: Path) -> None:
+    """An IP-Adapter (h94 layout: ``models/ip-adapter_tiny.safetensors`` + ``models/image_encoder/``).
+
+    Keys follow the original IP-Adapter checkpoints: ``image_proj.proj`` / ``image_proj.norm`` and, for
+    the k-th cross-attention layer of the UNet (odd ids 1, 3, 5, ...), ``ip_adapter.{id}.to_k_ip`` and
+    ``to_v_ip``.
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(TINY_SEED + 1)
+    models = out / "models"
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+        image_size=32, patch_size=8, projection_dim=CLIP_EMBED_DIM,
+    ))
+    encoder.save_pretrained(models / "image_encoder", safe_serialization=True)
+    # The tiny UNet's attention layout decides which cross-attention ids exist.
+    sd_unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(out.parent / "sd" / "unet"))
+    tokens = 4
+    state = {
+        "image_proj.proj.weight": torch.randn(CROSS_ATTENTION_DIM * tokens, CLIP_EMBED_DIM) * 0.05,
+        "image_proj.proj.bias": torch.zeros(CROSS_ATTENTION_DIM * tokens),
+        "image_proj.norm.weight": torch.ones(CROSS_ATTENTION_DIM),
+        "image_proj.norm.bias": torch.zeros(CROSS_ATTENTION_DIM),
+    }
+    key_id = 1
+    channels = sd_unet.config.block_out_channels
+    for name in sd_unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        if name.startswith("mid_block"):
+            hidden = channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden = list(reversed(channels))[int(name[len("up_blocks.")])]
+        else:
+            hidden = channels[int(name[len("down_blocks.")])]
+        state[f"ip_adapter.{key_id}.to_k_ip.weight"] = torch.randn(hidden, CROSS_ATTENTION_DIM) * 0.05
+        state[f"ip_adapter.{key_id}.to_v_ip.weight"] = torch.randn(hidden, CROSS_ATTENTION_DIM) * 0.05
+        key_id += 2
+    save_file({k: v.contiguous() for k, v in state.items()}, str(models / "ip-adapter_tiny.safetensors"))
+
+
+def _build_open_clip(out: Path) -> None:
+    """An open_clip model config (``atelier-tiny-clip.json``) and its weights (``.safetensors``)."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    config_path = out / f"{OPEN_CLIP_ARCH}.json"
+    config_path.write_text(json.dumps(OPEN_CLIP_CONFIG, indent=2))
+    open_clip.add_model_config(config_path)
+    torch.manual_seed(TINY_SEED + 2)
+    model = open_clip.create_model(OPEN_CLIP_ARCH, pretrained=None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+
+
+def _build_gfpgan(out: Path) -> None:
+    """GFPGAN v1 'clean' architecture at 128 px with narrow channels, saved like GFPGANv1.4.pth."""
+    import torch
+    from gfpgan.archs.gfpganv1_clean_arch import GFPGANv1Clean
+
+    torch.manual_seed(TINY_SEED + 3)
+    net = GFPGANv1Clean(**GFPGAN_TINY_ARGS)
+    torch.save({"params_ema": net.state_dict()}, out / "GFPGAN-tiny.pth")
+    (out / "arch.json").write_text(json.dumps(GFPGAN_TINY_ARGS))
+
+
+def _build_realesrgan(out: Path) -> None:
+    """SRVGGNetCompact x4 (the realesr-general/animevideo architecture), narrow, random weights."""
+    import torch
+    from realesrgan.archs.srvgg_arch import SRVGGNetCompact
+
+    torch.manual_seed(TINY_SEED + 4)
+    net = SRVGGNetCompact(**REALESRGAN_TINY_ARGS)
+    torch.save({"params": net.state_dict()}, out / "realesrgan-tiny-x4.pth")
+    (out / "arch.json").write_text(json.dumps(REALESRGAN_TINY_ARGS))
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {
+    "sd": _build_sd,
+    "ip-adapter": _build_ip_adapter,  # needs "sd" first (reads the UNet config)
+    "open-clip": _build_open_clip,
+    "gfpgan": _build_gfpgan,
+    "realesrgan": _build_realesrgan,
+}
+
+
+def ensure(name: str, models_dir: Path) -> Path:
+    """Build the named tiny model under ``models_dir/tiny/`` once; return its folder."""
+    from atelier import compat
+
+    compat.apply()
+    if name not in BUILDERS:
+        raise KeyError(f"unknown tiny model {name!r}; known: {', '.join(sorted(BUILDERS))}")
+    root = models_dir / "tiny"
+    if name == "ip-adapter":
+        ensure("sd", models_dir)
+    return _atomic_dir(root / name, BUILDERS[name])

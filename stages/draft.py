@@ -1,0 +1,68 @@
+"""Stage 2 — drafts: cheap text-to-image batches (LCM / Turbo / schnell, 1-4 steps), a seed sweep.
+
+Each image gets its own seeded generator, so draft i is reproducible from its seed alone whatever
+the batch size. The pipeline comes from the registry (loaded once per process).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from atelier.registry import ModelSpec, device, pipeline
+from stages.common import Progress, batched, generators
+
+STAGE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    prompt: str
+    negative: str
+    seeds: tuple[int, ...]
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    scheduler: str
+    model: ModelSpec
+    models_dir: Path
+    batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class Draft:
+    seed: int
+    image: Image.Image
+
+
+def check_inputs(req: DraftRequest) -> None:
+    if not req.seeds:
+        raise ValueError("no seeds: nothing to draft")
+    if not 1 <= req.steps <= 50:
+        raise ValueError(f"draft steps must be 1..50, got {req.steps}")
+    if req.width % 8 or req.height % 8:
+        raise ValueError(f"width and height must be multiples of 8, got {req.width}x{req.height}")
+
+
+def generate_drafts(req: DraftRequest, on_progress: Progress | None = None) -> list[Draft]:
+    # 1. Check inputs
+    check_inputs(req)
+    # 2. Get the shared pipeline with the requested scheduler (no IP-Adapter for drafts)
+    pipe = pipeline(req.model, req.models_dir, "txt2img", req.scheduler, ip_adapter=None)
+    dev = device()
+    # 3. Generate batch by batch; one generator per image
+    out: list[Draft] = []
+    for seeds in batched(req.seeds, req.batch_size):
+        result = pipe(
+            prompt=[req.prompt] * len(seeds),
+            negative_prompt=[req.negative] * len(seeds) if req.guidance > 1 else None,
+            width=req.width, height=req.height, num_inference_steps=req.steps, guidance_scale=req.guidance,
+            generator=generators(seeds, dev),
+        )
+        out += [Draft(seed, image) for seed, image in zip(seeds, result.images)]
+        if on_progress:
+            on_progress(len(out), len(req.seeds))
+    return out

@@ -1,0 +1,199 @@
+"""Stage 5 — post-edit: inpaint a region, restore faces (GFPGAN), upscale to the final size (Real-ESRGAN).
+
+Three independent steps, each a plain function over its own request:
+- ``inpaint``: repaint the mask's white area with the inpaint pipeline (shared modules via
+  ``from_pipe``, IP-Adapter style refs), then composite so pixels outside the mask equal the input.
+- ``restore_faces``: OpenCV Haar cascade finds faces (offline, no weights to download); each face is
+  cropped with margin, restored by the GFPGAN network at ``face_size``, and pasted back through a
+  feathered mask, so only the face regions change.
+- ``upscale``: Real-ESRGAN x4 with tiles (memory bounded by the tile, not the image), then a Lanczos
+  cover-fit to the exact delivered size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
+
+from atelier.registry import ModelSpec, device, load_face_restorer, load_upscaler, pipeline
+from stages.common import Progress, generators, load_rgb
+
+STAGE_VERSIONS = {"mask": 1, "inpaint": 1, "face_restore": 1, "upscale": 1}
+
+
+# ------------------------------------------------------------------------------------------ inpaint
+def region_mask(size: tuple[int, int], region: tuple[float, float, float, float]) -> Image.Image:
+    """An 'L' mask, white (255) inside the fractional rectangle (x, y, w, h), black elsewhere."""
+    w, h = size
+    x, y, rw, rh = region
+    mask = Image.new("L", size, 0)
+    ImageDraw.Draw(mask).rectangle(
+        [round(x * w), round(y * h), max(round((x + rw) * w) - 1, 0), max(round((y + rh) * h) - 1, 0)], fill=255
+    )
+    return mask
+
+
+@dataclass(frozen=True)
+class InpaintRequest:
+    sources: tuple[Path, ...]
+    mask: Path  # white = repaint; resized to each source
+    prompt: str
+    negative: str
+    seeds: tuple[int, ...]
+    steps: int
+    guidance: float
+    strength: float
+    scheduler: str
+    style_refs: tuple[Path, ...]
+    ip_adapter_scale: float
+    model: ModelSpec
+    ip_adapter: ModelSpec
+    models_dir: Path
+    multiple: int = 8  # the pipeline works at sizes rounded to this; the result is resized back
+
+
+def check_inpaint(req: InpaintRequest) -> None:
+    if len(req.sources) != len(req.seeds):
+        raise ValueError(f"{len(req.sources)} sources but {len(req.seeds)} seeds")
+    if not req.prompt.strip():
+        raise ValueError("inpaint needs a prompt")
+
+
+def inpaint(req: InpaintRequest, on_progress: Progress | None = None) -> list[Image.Image]:
+    # 1. Check inputs
+    check_inpaint(req)
+    # 2. Inpaint pipeline sharing the base modules, with IP-Adapter style refs
+    pipe = pipeline(req.model, req.models_dir, "inpaint", req.scheduler, ip_adapter=req.ip_adapter)
+    pipe.set_ip_adapter_scale(req.ip_adapter_scale)
+    refs = [load_rgb(p) for p in req.style_refs]
+    dev = device()
+    out = []
+    for n, (src, seed) in enumerate(zip(req.sources, req.seeds)):
+        # 3. Work at a size the pipeline accepts, then come back to the source size
+        image = load_rgb(src)
+        w, h = image.size
+        ww, hh = max(req.multiple, w // req.multiple * req.multiple), max(req.multiple, h // req.multiple * req.multiple)
+        with Image.open(req.mask) as m:
+            mask = m.convert("L").resize((w, h), Image.Resampling.NEAREST)
+        result = pipe(
+            prompt=req.prompt, negative_prompt=req.negative, image=image.resize((ww, hh), Image.Resampling.LANCZOS),
+            mask_image=mask.resize((ww, hh), Image.Resampling.NEAREST), ip_adapter_image=[refs], width=ww, height=hh,
+            strength=req.strength, num_inference_steps=req.steps, guidance_scale=req.guidance,
+            generator=generators([seed], dev)[0],
+        ).images[0].resize((w, h), Image.Resampling.LANCZOS)
+        # 4. Outside the mask the output is exactly the input
+        out.append(Image.composite(result, image, mask))
+        if on_progress:
+            on_progress(n + 1, len(req.sources))
+    return out
+
+
+# ------------------------------------------------------------------------------------- face restore
+HAAR_CASCADE = "haarcascade_frontalface_default.xml"
+
+
+@dataclass(frozen=True)
+class FaceRequest:
+    sources: tuple[Path, ...]
+    face: ModelSpec
+    models_dir: Path
+    face_size: int = 512  # the restorer's input/output size
+    max_faces: int = 4  # per image, largest first
+    margin: float = 0.5  # crop = face box grown by this fraction on each side
+
+
+@dataclass(frozen=True)
+class FaceResult:
+    image: Image.Image
+    boxes: tuple[tuple[int, int, int, int], ...]  # detected faces (x, y, w, h), largest first
+
+
+def detect_faces(image: Image.Image, max_faces: int) -> list[tuple[int, int, int, int]]:
+    """Frontal faces with OpenCV's Haar cascade (ships with opencv-python < 5): (x, y, w, h) boxes."""
+    import cv2
+
+    cascade = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / HAAR_CASCADE))
+    if cascade.empty():
+        raise RuntimeError(f"OpenCV has no {HAAR_CASCADE}; install opencv-python<5 (5.x dropped the cascades)")
+    gray = cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2GRAY)
+    side = max(24, min(image.size) // 12)
+    found = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(side, side))
+    boxes = sorted((tuple(int(v) for v in b) for b in found), key=lambda b: -b[2] * b[3])
+    return boxes[:max_faces]
+
+
+def _restore_crop(net, crop: Image.Image, size: int) -> Image.Image:
+    import torch
+
+    x = torch.from_numpy(np.array(crop.resize((size, size), Image.Resampling.LANCZOS))).float()
+    x = (x.permute(2, 0, 1)[None] / 127.5 - 1.0).to(next(net.parameters()).device)  # (1, 3, S, S) in [-1, 1]
+    with torch.no_grad():
+        y = net(x, return_rgb=False, randomize_noise=False)[0]  # deterministic
+    y = ((y[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(y).resize(crop.size, Image.Resampling.LANCZOS)
+
+
+def restore_faces(req: FaceRequest, on_progress: Progress | None = None) -> list[FaceResult]:
+    # 1. Check inputs
+    if req.max_faces < 1:
+        raise ValueError(f"max_faces must be >= 1, got {req.max_faces}")
+    out = []
+    net = None
+    for n, src in enumerate(req.sources):
+        image = load_rgb(src)
+        # 2. Detect
+        boxes = detect_faces(image, req.max_faces)
+        result = image.copy()
+        if boxes and net is None:
+            net = load_face_restorer(req.face, req.models_dir)
+        for x, y, w, h in boxes:
+            # 3. Square crop with margin, clipped to the image
+            cx, cy, side = x + w / 2, y + h / 2, max(w, h) * (1 + 2 * req.margin)
+            box = (max(0, round(cx - side / 2)), max(0, round(cy - side / 2)),
+                   min(image.width, round(cx + side / 2)), min(image.height, round(cy + side / 2)))
+            crop = image.crop(box)
+            restored = _restore_crop(net, crop, req.face_size)
+            # 4. Paste back through a feathered ellipse: only the face region changes
+            feather = max(2, min(crop.size) // 10)
+            mask = Image.new("L", crop.size, 0)
+            ImageDraw.Draw(mask).ellipse([feather, feather, crop.width - feather - 1, crop.height - feather - 1], fill=255)
+            result.paste(restored, box[:2], mask.filter(ImageFilter.GaussianBlur(feather / 2)))
+        out.append(FaceResult(result, tuple(boxes)))
+        if on_progress:
+            on_progress(n + 1, len(req.sources))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ upscale
+@dataclass(frozen=True)
+class UpscaleRequest:
+    sources: tuple[Path, ...]
+    size: tuple[int, int]  # delivered (width, height)
+    model: ModelSpec
+    models_dir: Path
+    tile: int = 256  # input px per tile; bounds peak memory
+
+
+def upscale(req: UpscaleRequest, on_progress: Progress | None = None) -> list[Image.Image]:
+    # 1. Check inputs
+    if min(req.size) < 1 or req.tile < 16:
+        raise ValueError(f"bad upscale request: size {req.size}, tile {req.tile}")
+    upsampler = load_upscaler(req.model, req.models_dir, req.tile)
+    out = []
+    for n, src in enumerate(req.sources):
+        image = load_rgb(src)
+        # 2. Real-ESRGAN works in BGR uint8; its tile loop prints per tile, which we keep off stdout
+        bgr = np.asarray(image)[:, :, ::-1].copy()
+        with contextlib.redirect_stdout(io.StringIO()):
+            up, _ = upsampler.enhance(bgr, outscale=upsampler.scale)
+        big = Image.fromarray(np.ascontiguousarray(up[:, :, ::-1]))
+        # 3. Cover-fit to the exact delivered size (centre crop of any aspect mismatch)
+        out.append(ImageOps.fit(big, req.size, Image.Resampling.LANCZOS))
+        if on_progress:
+            on_progress(n + 1, len(req.sources))
+    return out

@@ -1,0 +1,99 @@
+"""Stage 3 — selection: CLIP scores pick the few drafts worth finishing.
+
+For draft i with L2-normalised CLIP image embedding x_i:
+    prompt fit      p_i = cos(x_i, text(prompt))
+    mood-board fit  m_i = cos(x_i, mood-board centroid)
+    base score      b_i = w_p * p_i + w_m * m_i
+Drafts are kept greedily by maximal marginal relevance (Carbonell & Goldstein, 1998): the next pick
+maximises b_i - w_d * max_{j kept} cos(x_i, x_j), so near-duplicates of a kept draft lose out.
+Every draft's scores and the decision are returned, kept or not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from atelier.registry import ModelSpec, load_clip
+from stages.common import embed_images, embed_texts, load_rgb
+from stages.moodboard import Moodboard
+
+STAGE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SelectRequest:
+    prompt: str
+    drafts: tuple[Path, ...]
+    moodboard: Path  # the mood-board .npz written by stage 1
+    keep: int
+    clip: ModelSpec
+    models_dir: Path
+    weights: tuple[float, float, float] = (1.0, 0.5, 0.3)  # prompt fit, mood-board fit, diversity
+
+
+@dataclass(frozen=True)
+class DraftScore:
+    index: int
+    prompt_score: float
+    moodboard_score: float
+    diversity_penalty: float
+    total: float
+    rank: int | None  # 1 = first kept; None = not kept
+
+
+@dataclass(frozen=True)
+class Selection:
+    scores: tuple[DraftScore, ...]  # one per draft, in input order
+    kept: tuple[int, ...]  # draft indices in rank order
+
+
+def check_inputs(req: SelectRequest) -> None:
+    if not req.drafts:
+        raise ValueError("no drafts to select from")
+    if not 1 <= req.keep <= len(req.drafts):
+        raise ValueError(f"keep must be 1..{len(req.drafts)} (the number of drafts), got {req.keep}")
+
+
+def mmr(base: np.ndarray, sim: np.ndarray, keep: int, diversity: float) -> tuple[list[int], np.ndarray]:
+    """Greedy maximal-marginal-relevance picks; returns (kept indices, penalty of every item)."""
+    kept: list[int] = []
+    penalty = np.zeros_like(base)
+    for _ in range(keep):
+        if kept:
+            penalty = diversity * sim[:, kept].max(axis=1)
+        score = base - penalty
+        score[kept] = -np.inf
+        kept.append(int(np.argmax(score)))
+    if kept:  # final penalty of every draft against the whole kept set (the kept ones: at pick time)
+        final = diversity * np.where(np.eye(len(base), dtype=bool)[:, kept], -np.inf, sim[:, kept]).max(axis=1)
+        final[kept[0]] = 0.0
+        for n, k in enumerate(kept[1:], start=1):
+            final[k] = diversity * sim[k, kept[:n]].max()
+        penalty = np.maximum(final, 0.0) if diversity >= 0 else final
+    return kept, penalty
+
+
+def select_drafts(req: SelectRequest) -> Selection:
+    # 1. Check inputs
+    check_inputs(req)
+    # 2. Embed drafts and prompt with CLIP; read the mood board
+    clip = load_clip(req.clip, req.models_dir)
+    x = embed_images(clip, [load_rgb(p) for p in req.drafts])  # (N, D)
+    t = embed_texts(clip, [req.prompt])[0]  # (D,)
+    board = Moodboard.from_file(req.moodboard)
+    # 3. Score
+    w_p, w_m, w_d = req.weights
+    p = x @ t  # (N,)
+    m = x @ board.centroid  # (N,)
+    base = w_p * p + w_m * m
+    # 4. Pick greedily with a diversity penalty
+    kept, penalty = mmr(base, x @ x.T, req.keep, w_d)
+    rank = {k: n + 1 for n, k in enumerate(kept)}
+    scores = tuple(
+        DraftScore(i, float(p[i]), float(m[i]), float(penalty[i]), float(base[i] - penalty[i]), rank.get(i))
+        for i in range(len(req.drafts))
+    )
+    return Selection(scores, tuple(kept))

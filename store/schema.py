@@ -1,0 +1,93 @@
+"""SQLAlchemy 2.0 schema of the lineage store (SQLite by default; any SQLAlchemy URL later)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    campaign: Mapped[str] = mapped_column(String(64), index=True)
+    brief_path: Mapped[str] = mapped_column(Text)
+    brief_sha256: Mapped[str] = mapped_column(String(64))
+    profile: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))  # running | completed | failed
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    info: Mapped[dict] = mapped_column(JSON, default=dict)  # versions, device, prefect flow run id
+
+
+class Asset(Base):
+    """One file atelier produced or ingested. ``key`` is the recipe hash; ``sha256`` the file's bytes."""
+
+    __tablename__ = "assets"
+    key: Mapped[str] = mapped_column(String(32), primary_key=True)
+    stage: Mapped[str] = mapped_column(String(32), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # image | mask | embedding
+    campaign: Mapped[str] = mapped_column(String(64), index=True)
+    deliverable: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    path: Mapped[str] = mapped_column(Text)  # relative to the store's home
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    width: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    height: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    params: Mapped[dict] = mapped_column(JSON)
+    model: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))  # the run that computed it
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Edge(Base):
+    __tablename__ = "edges"
+    child: Mapped[str] = mapped_column(ForeignKey("assets.key"), primary_key=True)
+    parent: Mapped[str] = mapped_column(ForeignKey("assets.key"), primary_key=True, index=True)
+    role: Mapped[str] = mapped_column(String(16), primary_key=True)  # source | style-ref | mask | init
+    position: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class RunAsset(Base):
+    """Which assets a run used, whether it computed or reused each, and which are its finals."""
+
+    __tablename__ = "run_assets"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    asset_key: Mapped[str] = mapped_column(ForeignKey("assets.key"), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))  # computed | reused
+    final: Mapped[bool] = mapped_column(Boolean, default=False)
+    export_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Score(Base):
+    """Every draft's CLIP scores within one selection decision, and whether it was kept."""
+
+    __tablename__ = "scores"
+    decision: Mapped[str] = mapped_column(String(32), primary_key=True)
+    draft_key: Mapped[str] = mapped_column(ForeignKey("assets.key"), primary_key=True)
+    prompt_score: Mapped[float] = mapped_column(Float)
+    moodboard_score: Mapped[float] = mapped_column(Float)
+    diversity_penalty: Mapped[float] = mapped_column(Float)
+    total: Mapped[float] = mapped_column(Float)
+    rank: Mapped[int | None] = mapped_column(Integer, nullable=True)  # 1 = best; None when not kept
+    kept: Mapped[bool] = mapped_column(Boolean)
+
+
+class StageRun(Base):
+    """One stage execution within a run: wall time and how many assets it computed / reused."""
+
+    __tablename__ = "stage_runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    deliverable: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    stage: Mapped[str] = mapped_column(String(32))
+    seconds: Mapped[float] = mapped_column(Float)
+    computed: Mapped[int] = mapped_column(Integer)
+    reused: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(16))

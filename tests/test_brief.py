@@ -1,0 +1,148 @@
+"""Brief validation: every bad brief gets one line naming file and field; good briefs parse fully."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from atelier.brief import fit_to_area, load_brief
+from atelier.cli import app
+from atelier.errors import BriefError
+from tests.conftest import write_brief
+
+GOOD = """\
+campaign: spring-launch
+profile: tiny
+seed: 1234
+brand:
+  style_refs: [refs/*.jpg]
+  negative: "blurry, watermark"
+deliverables:
+  - name: hero
+    prompt: "a red bicycle against a sunlit brick wall"
+    negative: "people"
+    aspect: "16:9"
+    drafts: 8
+    keep: 2
+    size: 4k
+    post:
+      inpaint: {region: [0.7, 0.0, 0.3, 0.2], prompt: "plain wall"}
+      face_restore: true
+      upscale: true
+"""
+
+
+def test_good_brief_parses(brief_dir: Path) -> None:
+    c = load_brief(write_brief(brief_dir, GOOD))
+    b = c.brief
+    assert b.campaign == "spring-launch" and b.seed == 1234
+    assert [p.name for p in c.style_refs] == ["chelsea.jpg", "coffee.jpg"]
+    d = b.deliverables[0]
+    assert d.final_size() == (3840, 2160)
+    assert d.post.inpaint.region == (0.7, 0.0, 0.3, 0.2)
+    assert len(c.sha256) == 64
+
+
+@pytest.mark.parametrize("size, aspect, expected", [
+    ("4k", "16:9", (3840, 2160)), ("2k", "1:1", (2048, 2048)), ("1080p", "16:9", (1920, 1080)),
+    ("1080p", "4:5", (1536, 1920)), ("1000x500", "1:1", (1000, 500)),
+])
+def test_final_sizes(brief_dir: Path, size: str, aspect: str, expected) -> None:
+    text = GOOD.replace("size: 4k", f"size: {size}").replace('aspect: "16:9"', f'aspect: "{aspect}"')
+    assert load_brief(write_brief(brief_dir, text)).brief.deliverables[0].final_size() == expected
+
+
+def test_fit_to_area() -> None:
+    w, h = fit_to_area(16 / 9, 1024 * 1024, 64)
+    assert (w, h) == (1344, 768)
+    assert w % 64 == 0 and h % 64 == 0
+
+
+# (replace this, with that) -> (field expected in the message, words expected in the message)
+BAD = [
+    ("campaign: spring-launch", "campaign: spring launch!", "campaign", "letters, digits"),
+    ("campaign: spring-launch\n", "", "campaign", "required"),
+    ("seed: 1234", "seed: lots", "seed", "integer"),
+    ("seed: 1234", "seed: 1234\ncolour: red", "colour", "unknown key"),
+    ('aspect: "16:9"', 'aspect: "wide"', "deliverables[0].aspect", 'expected W:H like 16:9, got "wide"'),
+    ('aspect: "16:9"', 'aspect: "20:1"', "deliverables[0].aspect", "between 1:4 and 4:1"),
+    ("drafts: 8", "drafts: 1000", "deliverables[0].drafts", "less than or equal"),
+    ("drafts: 8", "drafts: 0", "deliverables[0].drafts", "greater than or equal"),
+    ("keep: 2", "keep: 9", "deliverables[0]", "keep (9) must be <= drafts (8)"),
+    ("size: 4k", "size: huge", "deliverables[0].size", "expected 4k, 2k, 1080p or WxH"),
+    ("size: 4k", "size: 100000x100", "deliverables[0].size", "between 64 and 8192"),
+    ("region: [0.7, 0.0, 0.3, 0.2]", "region: [0.9, 0.0, 0.3, 0.2]", "deliverables[0].post.inpaint.region",
+     "outside the image"),
+    ("region: [0.7, 0.0, 0.3, 0.2]", "region: [0.7, 0.0, 0.3, -0.2]", "deliverables[0].post.inpaint.region",
+     "fractions"),
+    ("face_restore: true", "face_restore: maybe", "deliverables[0].post.face_restore", "boolean"),
+    ("profile: tiny", "profile: enormous", "profile", 'unknown profile "enormous"; known: tiny'),
+    ("style_refs: [refs/*.jpg]", "style_refs: [refs/*.png]", "brand.style_refs[0]", "matches no file"),
+    ("style_refs: [refs/*.jpg]", "style_refs: [refs/missing.jpg]", "brand.style_refs[0]", "no such file"),
+    ("style_refs: [refs/*.jpg]", "style_refs: [../outside.jpg]", "brand.style_refs[0]", "outside the brief's folder"),
+    ("style_refs: [refs/*.jpg]", "style_refs: [/etc/hostname]", "brand.style_refs[0]", "relative"),
+    ("style_refs: [refs/*.jpg]", "style_refs: [refs/notes.txt]", "brand.style_refs[0]", "not a readable image"),
+    ("style_refs: [refs/*.jpg]", "style_refs: []", "brand.style_refs", "at least 1"),
+    ("    post:\n", '  - name: hero\n    prompt: "again"\n    post:\n', "deliverables", 'duplicate deliverable name "hero"'),
+    ('inpaint: {region: [0.7, 0.0, 0.3, 0.2], prompt: "plain wall"}', 'inpaint: {prompt: "plain wall"}',
+     "deliverables[0].post.inpaint", "exactly one of region"),
+    ('inpaint: {region: [0.7, 0.0, 0.3, 0.2], prompt: "plain wall"}', 'inpaint: {mask: refs/nope.png, prompt: "x"}',
+     "deliverables[0].post.inpaint.mask", "no such file"),
+]
+
+
+@pytest.mark.parametrize("old, new, field, words", BAD, ids=[f"{b[2]}:{b[3][:20]}" for b in BAD])
+def test_bad_briefs_name_file_and_field(brief_dir: Path, old: str, new: str, field: str, words: str) -> None:
+    (brief_dir / "outside.jpg").write_bytes((brief_dir / "refs" / "coffee.jpg").read_bytes())
+    (brief_dir / "refs" / "notes.txt").write_text("not an image")
+    assert old in GOOD
+    text = GOOD.replace(old, new, 1)
+    path = write_brief(brief_dir, text)
+    with pytest.raises(BriefError) as info:
+        load_brief(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {field}: "), message
+    assert words in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("text, words", [
+    ("campaign: [unclosed", "YAML syntax error: line 1"),
+    ("- just\n- a list\n", "expected a mapping"),
+    ("", "expected a mapping"),
+])
+def test_not_a_brief(brief_dir: Path, text: str, words: str) -> None:
+    with pytest.raises(BriefError, match=words):
+        load_brief(write_brief(brief_dir, text))
+
+
+def test_validate_cli_exit_codes(brief_dir: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    good = write_brief(brief_dir, GOOD)
+    ok = runner.invoke(app, ["validate", str(good)])
+    assert ok.exit_code == 0, ok.output
+    assert "1 deliverable" in ok.output
+    bad = write_brief(brief_dir, GOOD.replace('aspect: "16:9"', 'aspect: "wide"'), "bad.yaml")
+    res = runner.invoke(app, ["validate", str(bad)])
+    assert res.exit_code == 2
+    assert f'{bad}: deliverables[0].aspect: expected W:H like 16:9, got "wide"' in " ".join(res.output.split())
+    assert "Traceback" not in res.output
+
+
+def test_run_with_bad_brief_writes_nothing(brief_dir: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    bad = write_brief(brief_dir, GOOD.replace("keep: 2", "keep: 20"), "bad.yaml")
+    res = CliRunner().invoke(app, ["run", str(bad), "--home", str(home)])
+    assert res.exit_code == 2
+    assert "keep (20) must be <= drafts (8)" in " ".join(res.output.split())
+    assert not home.exists()
+
+
+def test_run_with_unknown_profile_option(brief_dir: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    res = CliRunner().invoke(app, ["run", str(write_brief(brief_dir, GOOD)), "--profile", "nope", "--home", str(home)])
+    assert res.exit_code == 2
+    assert "unknown profile 'nope'" in res.output
+    assert not home.exists()

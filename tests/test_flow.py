@@ -1,0 +1,174 @@
+"""End to end: the Prefect campaign flow on tiny models, then the CLI reading its lineage."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from atelier.cli import app
+from store import open_store
+from store.schema import Asset, Edge, RunAsset
+from tests.conftest import write_brief
+
+BRIEF = """\
+campaign: e2e
+profile: tiny
+seed: 7
+brand:
+  style_refs: [refs/*.jpg]
+  negative: "watermark"
+deliverables:
+  - name: hero
+    prompt: "a red bicycle against a brick wall"
+    aspect: "16:9"
+    drafts: 4
+    keep: 2
+    size: 320x180
+    post:
+      inpaint: {region: [0.7, 0.0, 0.3, 0.2], prompt: "plain wall"}
+      face_restore: true
+      upscale: true
+  - name: square
+    prompt: "a cup of coffee"
+    aspect: "1:1"
+    drafts: 3
+    keep: 1
+    size: 256x256
+    post:
+      upscale: true
+"""
+
+
+@pytest.fixture(scope="module")
+def e2e(prefect_server, tmp_path_factory):
+    """Run the brief twice through the CLI (cold, then unchanged) on one home."""
+    import shutil
+
+    from tests.conftest import DEMO_REFS
+
+    folder = tmp_path_factory.mktemp("brief")
+    (folder / "refs").mkdir()
+    for name in ("coffee.jpg", "chelsea.jpg", "astronaut.jpg"):
+        shutil.copy(DEMO_REFS / name, folder / "refs" / name)
+    brief = write_brief(folder, BRIEF)
+    home = tmp_path_factory.mktemp("home")
+    runner = CliRunner()
+    first = runner.invoke(app, ["run", str(brief), "--home", str(home), "--no-report"])
+    assert first.exit_code == 0, first.output
+    second = runner.invoke(app, ["run", str(brief), "--home", str(home), "--no-report"])
+    assert second.exit_code == 0, second.output
+    runs = json.loads(runner.invoke(app, ["runs", "--home", str(home), "--json"]).output)
+    return {"home": home, "brief": brief, "runs": [r["id"] for r in reversed(runs)], "runner": runner}
+
+
+def test_lineage_is_complete(e2e) -> None:
+    st = open_store(e2e["home"])
+    cold = e2e["runs"][0]
+    with st.sessions() as s:
+        members = s.execute(select(RunAsset, Asset).join(Asset, Asset.key == RunAsset.asset_key)
+                            .where(RunAsset.run_id == cold)).all()
+        counts = Counter((a.deliverable, a.stage) for _, a in members)
+        # counts per stage match the brief
+        assert counts[(None, "reference")] == 3 and counts[(None, "moodboard")] == 1
+        assert counts[("hero", "draft")] == 4 and counts[("square", "draft")] == 3
+        for stage in ("select", "refine", "inpaint", "face_restore", "upscale"):
+            assert counts[("hero", stage)] == 2, stage
+        assert counts[("hero", "mask")] == 1
+        for stage in ("select", "refine", "upscale"):
+            assert counts[("square", stage)] == 1, stage
+        assert counts[("square", "inpaint")] == 0 and counts[("square", "face_restore")] == 0
+        # every non-root asset has parents, and every file is in place with the recorded hash
+        import hashlib
+
+        for _, a in members:
+            parents = s.scalars(select(Edge).where(Edge.child == a.key)).all()
+            if a.stage in ("reference", "draft", "mask"):
+                assert parents == [], a.stage
+            else:
+                assert parents, f"{a.stage} {a.key} has no parents"
+            assert hashlib.sha256((st.home / a.path).read_bytes()).hexdigest() == a.sha256
+        finals = [(ra, a) for ra, a in members if ra.final]
+        assert sorted((a.deliverable, a.width, a.height) for _, a in finals) == [
+            ("hero", 320, 180), ("hero", 320, 180), ("square", 256, 256)]
+        assert all(Path(ra.export_path).exists() for ra, _ in finals)
+
+
+def test_rerun_of_unchanged_brief_reuses_everything(e2e) -> None:
+    out = e2e["runner"].invoke(app, ["report", e2e["runs"][1], "--home", str(e2e["home"]), "--json"])
+    data = json.loads(out.output)
+    assert data["run"]["status"] == "completed"
+    assert data["stages"]["draft"] == {"assets": 7, "computed": 0, "reused": 7, "seconds": pytest.approx(
+        data["stages"]["draft"]["seconds"])}
+    assert all(v["computed"] == 0 for v in data["stages"].values()), data["stages"]
+    cold = json.loads(e2e["runner"].invoke(app, ["report", e2e["runs"][0], "--home", str(e2e["home"]), "--json"]).output)
+    assert cold["stages"]["draft"]["computed"] == 7
+
+
+def test_report_json_lists_stages_and_deliverables(e2e) -> None:
+    out = e2e["runner"].invoke(app, ["report", "--home", str(e2e["home"]), "--json"])  # latest run
+    data = json.loads(out.output)
+    assert data["run"]["id"] == e2e["runs"][-1] and data["run"]["random_weights"] is True
+    for stage in ("reference", "moodboard", "draft", "select", "refine", "mask", "inpaint", "face_restore", "upscale"):
+        assert data["stages"][stage]["assets"] > 0 and "seconds" in data["stages"][stage]
+    hero = data["deliverables"]["hero"]
+    assert len(hero["draft"]) == 4
+    assert sum(1 for d in hero["draft"] if d["kept"]) == 2
+    assert {d["rank"] for d in hero["draft"] if d["kept"]} == {1, 2}
+    assert set(hero["stages"]) == {"draft", "select", "refine", "inpaint", "face_restore", "upscale"}
+    text = e2e["runner"].invoke(app, ["report", "--home", str(e2e["home"])], env={"COLUMNS": "200"}).output
+    assert "random-weight test models" in text and "kept #1" in text and "kept #2" in text
+
+
+def test_lineage_of_a_final_file_walks_back_to_draft_and_references(e2e) -> None:
+    final = Path(sorted((e2e["home"] / "outputs" / "e2e").glob("hero-*.png"))[0])
+    out = e2e["runner"].invoke(app, ["lineage", str(final), "--home", str(e2e["home"]), "--json"])
+    assert out.exit_code == 0, out.output
+    node = json.loads(out.output)
+    assert node["stage"] == "upscale"
+    chain, refs = [], set()
+
+    def walk(n):
+        chain.append(n["stage"])
+        for p in n["parents"]:
+            if p["stage"] == "reference":
+                refs.add(p["params"]["source"])
+            walk(p)
+
+    walk(node)
+    assert {"upscale", "face_restore", "inpaint", "mask", "refine", "select", "draft"} <= set(chain)
+    assert refs and all(r.startswith("refs/") for r in refs)
+
+    def find(n, stage):
+        if n["stage"] == stage:
+            return n
+        for p in n["parents"]:
+            if (hit := find(p, stage)) is not None:
+                return hit
+
+    d = find(node, "draft")
+    assert d["params"]["prompt"] == "a red bicycle against a brick wall" and isinstance(d["params"]["seed"], int)
+    assert d["model"]["weights_sha256"] and len(d["model"]["weights_sha256"]) == 64
+    text = e2e["runner"].invoke(app, ["lineage", str(final), "--home", str(e2e["home"])]).output
+    assert "draft" in text and "seed=" in text
+
+
+def test_unknown_lineage_ref_is_a_clean_error(e2e) -> None:
+    res = e2e["runner"].invoke(app, ["lineage", "doesnotexist", "--home", str(e2e["home"])])
+    assert res.exit_code == 2 and "no asset" in res.output
+
+
+def test_editing_one_prompt_recomputes_only_that_chain(e2e, tmp_path) -> None:
+    brief = e2e["brief"]
+    edited = brief.parent / "edited.yaml"
+    edited.write_text(brief.read_text().replace("a cup of coffee", "a cup of tea"))
+    res = e2e["runner"].invoke(app, ["run", str(edited), "--home", str(e2e["home"]), "--no-report"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(e2e["runner"].invoke(app, ["report", "--home", str(e2e["home"]), "--json"]).output)
+    hero, square = data["deliverables"]["hero"]["stages"], data["deliverables"]["square"]["stages"]
+    assert all(v["computed"] == 0 for v in hero.values()), hero
+    assert square["draft"]["computed"] == 3 and square["refine"]["computed"] == 1

@@ -1,0 +1,193 @@
+"""Each stage on tiny random-weight models: the real diffusers / open_clip / GFPGAN / Real-ESRGAN paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages import draft, moodboard, postedit, refine, select
+from tests.conftest import DEMO_REFS
+
+REFS = tuple(sorted(DEMO_REFS.glob("*.jpg")))
+
+
+def _save(images, folder: Path, prefix: str) -> tuple[Path, ...]:
+    paths = []
+    for i, im in enumerate(images):
+        p = folder / f"{prefix}{i}.png"
+        im.save(p)
+        paths.append(p)
+    return tuple(paths)
+
+
+def _draft_req(tiny_profile, models_dir, seeds, batch_size=4, prompt="a red bicycle"):
+    return draft.DraftRequest(prompt=prompt, negative="blurry", seeds=tuple(seeds), width=80, height=48,
+                              steps=tiny_profile.draft.steps, guidance=tiny_profile.draft.guidance,
+                              scheduler="lcm", model=tiny_profile.draft_model, models_dir=models_dir,
+                              batch_size=batch_size)
+
+
+# ----------------------------------------------------------------------------------------- moodboard
+def test_moodboard_embeds_and_ranks_references(models_dir, tiny_profile, tmp_path) -> None:
+    req = moodboard.MoodboardRequest(references=REFS, clip=tiny_profile.clip, models_dir=models_dir, max_style_refs=2)
+    board = moodboard.build_moodboard(req)
+    assert board.embeddings.shape == (len(REFS), 32)
+    np.testing.assert_allclose(np.linalg.norm(board.embeddings, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(board.centroid), 1.0, atol=1e-5)
+    assert len(board.style_refs) == 2
+    # the kept references are the most central ones
+    best = sorted(range(len(REFS)), key=lambda i: -board.centrality[i])[:2]
+    assert list(board.style_refs) == best
+    # round trip through the stored file
+    path = tmp_path / "board.npz"
+    path.write_bytes(board.to_bytes())
+    again = moodboard.Moodboard.from_file(path)
+    np.testing.assert_array_equal(again.embeddings, board.embeddings)
+    assert again.style_refs == board.style_refs
+
+
+def test_moodboard_needs_references(models_dir, tiny_profile) -> None:
+    with pytest.raises(ValueError, match="at least one reference"):
+        moodboard.build_moodboard(moodboard.MoodboardRequest((), tiny_profile.clip, models_dir))
+
+
+# -------------------------------------------------------------------------------------------- drafts
+def test_drafts_are_seeded_per_image(models_dir, tiny_profile) -> None:
+    a = draft.generate_drafts(_draft_req(tiny_profile, models_dir, [1, 2, 3], batch_size=3))
+    b = draft.generate_drafts(_draft_req(tiny_profile, models_dir, [3, 1], batch_size=1))
+    assert [d.seed for d in a] == [1, 2, 3]
+    assert all(d.image.size == (80, 48) for d in a)
+    # image for seed 1 and 3 do not depend on batch size or position
+    assert np.abs(np.asarray(a[0].image, int) - np.asarray(b[1].image, int)).max() <= 1
+    assert np.abs(np.asarray(a[2].image, int) - np.asarray(b[0].image, int)).max() <= 1
+    # different seeds give different images
+    assert np.abs(np.asarray(a[0].image, int) - np.asarray(a[1].image, int)).mean() > 1
+
+
+def test_drafts_report_progress(models_dir, tiny_profile) -> None:
+    seen = []
+    draft.generate_drafts(_draft_req(tiny_profile, models_dir, [1, 2, 3], batch_size=2),
+                          on_progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(2, 3), (3, 3)]
+
+
+def test_draft_rejects_bad_sizes(models_dir, tiny_profile) -> None:
+    req = _draft_req(tiny_profile, models_dir, [1])
+    with pytest.raises(ValueError, match="multiples of 8"):
+        draft.generate_drafts(draft.DraftRequest(**{**req.__dict__, "width": 81}))
+
+
+# ----------------------------------------------------------------------------------------- selection
+def test_mmr_avoids_near_duplicates() -> None:
+    # items 0 and 1 are identical and best; 2 is different and slightly worse.
+    x = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    base = np.array([1.0, 0.99, 0.8])
+    kept, penalty = select.mmr(base, x @ x.T, keep=2, diversity=0.5)
+    assert kept == [0, 2]
+    assert penalty[1] == pytest.approx(0.5)  # the duplicate is penalised by its similarity to a kept one
+    kept_no_div, _ = select.mmr(base, x @ x.T, keep=2, diversity=0.0)
+    assert kept_no_div == [0, 1]
+
+
+def test_select_scores_every_draft(models_dir, tiny_profile, tmp_path) -> None:
+    drafts = draft.generate_drafts(_draft_req(tiny_profile, models_dir, range(6)))
+    paths = _save([d.image for d in drafts], tmp_path, "d")
+    board = moodboard.build_moodboard(moodboard.MoodboardRequest(REFS, tiny_profile.clip, models_dir))
+    (tmp_path / "board.npz").write_bytes(board.to_bytes())
+    sel = select.select_drafts(select.SelectRequest(prompt="a red bicycle", drafts=paths,
+                                                    moodboard=tmp_path / "board.npz", keep=2, clip=tiny_profile.clip,
+                                                    models_dir=models_dir))
+    assert len(sel.scores) == 6 and len(sel.kept) == 2 and len(set(sel.kept)) == 2
+    ranks = {s.index: s.rank for s in sel.scores if s.rank is not None}
+    assert ranks == {sel.kept[0]: 1, sel.kept[1]: 2}
+    first = sel.scores[sel.kept[0]]
+    best_base = max(s.prompt_score + 0.5 * s.moodboard_score for s in sel.scores)
+    assert first.total == pytest.approx(best_base, abs=1e-6)  # rank 1 = best prompt + mood-board fit
+    assert first.diversity_penalty == 0.0
+    assert all(-1 <= s.prompt_score <= 1 and -1 <= s.moodboard_score <= 1 for s in sel.scores)
+    with pytest.raises(ValueError, match="keep must be"):
+        select.select_drafts(select.SelectRequest("x", paths, tmp_path / "board.npz", 7, tiny_profile.clip, models_dir))
+
+
+# -------------------------------------------------------------------------------------------- refine
+def _refine_req(tiny_profile, models_dir, inits, scale=0.6, style_refs=REFS[:2]):
+    return refine.RefineRequest(prompt="a red bicycle", negative="blurry", inits=inits, seeds=tuple(range(len(inits))),
+                                style_refs=style_refs, width=96, height=64, steps=4, guidance=5.0, strength=0.6,
+                                scheduler="euler", ip_adapter_scale=scale, model=tiny_profile.refine_model,
+                                ip_adapter=tiny_profile.ip_adapter, models_dir=models_dir, batch_size=2)
+
+
+def test_refine_uses_init_and_ip_adapter(models_dir, tiny_profile, tmp_path) -> None:
+    drafts = draft.generate_drafts(_draft_req(tiny_profile, models_dir, [5, 6]))
+    inits = _save([d.image for d in drafts], tmp_path, "init")
+    out = refine.refine(_refine_req(tiny_profile, models_dir, inits))
+    assert len(out) == 2 and all(im.size == (96, 64) for im in out)
+    again = refine.refine(_refine_req(tiny_profile, models_dir, inits))
+    assert np.abs(np.asarray(out[0], int) - np.asarray(again[0], int)).max() <= 1  # reproducible
+    no_style = refine.refine(_refine_req(tiny_profile, models_dir, inits, scale=0.0))
+    other_style = refine.refine(_refine_req(tiny_profile, models_dir, inits, style_refs=REFS[2:]))
+    # the IP-Adapter really conditions the UNet: its scale and its reference images change the result
+    assert np.abs(np.asarray(out[0], int) - np.asarray(no_style[0], int)).mean() > 0.5
+    assert np.abs(np.asarray(out[0], int) - np.asarray(other_style[0], int)).mean() > 0.5
+
+
+def test_refine_requires_style_refs(models_dir, tiny_profile, tmp_path) -> None:
+    with pytest.raises(ValueError, match="style reference"):
+        refine.refine(_refine_req(tiny_profile, models_dir, (tmp_path / "x.png",), style_refs=()))
+
+
+# ----------------------------------------------------------------------------------------- post-edit
+def test_inpaint_changes_only_the_mask(models_dir, tiny_profile, tmp_path) -> None:
+    src = tmp_path / "src.png"
+    Image.open(REFS[0]).convert("RGB").resize((100, 60)).save(src)  # deliberately not a multiple of 8
+    mask = postedit.region_mask((100, 60), (0.7, 0.0, 0.3, 0.2))
+    mask.save(tmp_path / "mask.png")
+    m = np.asarray(mask) > 0
+    assert m.sum() == 30 * 12
+    [out] = postedit.inpaint(postedit.InpaintRequest(
+        sources=(src,), mask=tmp_path / "mask.png", prompt="plain wall", negative="", seeds=(1,), steps=4,
+        guidance=5.0, strength=1.0, scheduler="euler", style_refs=REFS[:1], ip_adapter_scale=0.6,
+        model=tiny_profile.refine_model, ip_adapter=tiny_profile.ip_adapter, models_dir=models_dir, multiple=16))
+    a, b = np.asarray(Image.open(src).convert("RGB"), int), np.asarray(out, int)
+    assert out.size == (100, 60)
+    assert (a[~m] == b[~m]).all()  # outside the mask: the input, exactly
+    assert np.abs(a[m] - b[m]).mean() > 5  # inside: repainted
+
+
+def test_face_restore_on_a_real_face(models_dir, tiny_profile, astronaut_path) -> None:
+    [res] = postedit.restore_faces(postedit.FaceRequest(sources=(astronaut_path,), face=tiny_profile.face,
+                                                        models_dir=models_dir, face_size=128))
+    assert len(res.boxes) == 1
+    x, y, w, h = res.boxes[0]
+    # Eileen Collins' face in the 512x512 photograph sits around x 170-260, y 60-170
+    assert 150 <= x + w / 2 <= 260 and 70 <= y + h / 2 <= 160 and 50 <= w <= 160
+    before = np.asarray(Image.open(astronaut_path).convert("RGB"), int)
+    after = np.asarray(res.image, int)
+    changed = np.abs(before - after).sum(axis=2) > 0
+    ys, xs = np.nonzero(changed)
+    assert changed.sum() > 0.3 * w * h  # the face was replaced by the (random-weight) restorer's output
+    # nothing changed outside the crop around the face (box grown by the 0.5 margin each side)
+    cx, cy, side = x + w / 2, y + h / 2, max(w, h) * 2
+    assert xs.min() >= cx - side / 2 - 1 and xs.max() <= cx + side / 2 + 1
+    assert ys.min() >= cy - side / 2 - 1 and ys.max() <= cy + side / 2 + 1
+
+
+def test_face_restore_without_faces_is_identity(models_dir, tiny_profile, tmp_path) -> None:
+    p = tmp_path / "flat.png"
+    Image.new("RGB", (128, 96), (120, 130, 140)).save(p)
+    [res] = postedit.restore_faces(postedit.FaceRequest((p,), tiny_profile.face, models_dir, face_size=128))
+    assert res.boxes == ()
+    assert np.array_equal(np.asarray(res.image), np.asarray(Image.open(p).convert("RGB")))
+
+
+def test_upscale_hits_the_exact_size(models_dir, tiny_profile, tmp_path) -> None:
+    src = tmp_path / "small.png"
+    Image.open(REFS[0]).convert("RGB").resize((88, 48)).save(src)
+    [out] = postedit.upscale(postedit.UpscaleRequest((src,), (384, 216), tiny_profile.upscale, models_dir, tile=32))
+    assert out.size == (384, 216)
+    [untiled] = postedit.upscale(postedit.UpscaleRequest((src,), (384, 216), tiny_profile.upscale, models_dir, tile=512))
+    diff = np.abs(np.asarray(out, int) - np.asarray(untiled, int))
+    assert diff[8:-8, 8:-8].mean() < 1.0  # tiles with padding: no visible seams

@@ -9,7 +9,7 @@ files (never referenced); a crash after it leaves rows whose files are still in 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Sequence
 

@@ -1,0 +1,26 @@
+"""The ``atelier`` command line: thin Typer commands, one module per command group.
+
+Every user error (bad brief, unknown run, unknown profile) ends as one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from atelier.cli.common import app, err
+from atelier.cli import inspect, run  # noqa: F401  (registers the commands)
+from atelier.errors import BriefError, UsageError
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    try:
+        app()
+    except (BriefError, UsageError) as exc:
+        err.print(f"error: {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Shared pieces of the CLI: the Typer app, consoles, options and the one error exit path."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from atelier.settings import home_dir
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="atelier: YAML briefs in, finished images with lineage out.")
+out = Console()
+err = Console(stderr=True)
+
+HomeOpt = typer.Option(None, "--home", help="atelier home (store, assets, models); default $ATELIER_HOME or ./.atelier")
+StoreOpt = typer.Option(None, "--store", help="SQLAlchemy URL of the lineage store; default sqlite in the home")
+JsonOpt = typer.Option(False, "--json", help="machine-readable output")
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _open(home: Optional[Path], store_url: Optional[str]):
+    from store import open_store
+
+    h = home_dir(home)
+    if not store_url and not (h / "lineage.db").exists():
+        _fail(f"no lineage store at {h / 'lineage.db'} (run a brief first, or pass --home)")
+    return open_store(h, store_url)
+
+
+def _print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+

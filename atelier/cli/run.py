@@ -1,0 +1,100 @@
+"""`atelier validate` and `atelier run`."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from atelier.cli.common import HomeOpt, StoreOpt, _fail, app, err, out
+from atelier.errors import BriefError
+from atelier.settings import home_dir, prepare_environment
+
+
+@app.command()
+def validate(brief: Path = typer.Argument(..., help="the YAML brief")) -> None:
+    """Check a brief (keys, types, files, sizes) without running anything."""
+    from atelier.brief import load_brief
+
+    try:
+        campaign = load_brief(brief)
+    except BriefError as exc:
+        _fail(str(exc))
+    b = campaign.brief
+    out.print(f"[green]ok[/] {brief}: campaign {b.campaign}, profile {b.profile}, {len(campaign.style_refs)} "
+              f"reference image(s), {len(b.deliverables)} deliverable(s), "
+              f"{sum(d.drafts for d in b.deliverables)} drafts → {sum(d.keep for d in b.deliverables)} finals")
+
+
+class _RichReporter:
+    """Rich progress: one bar per (deliverable, stage)."""
+
+    def __init__(self, progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+
+    def begin(self, label: str, total: int):
+        tid = self.progress.add_task(label, total=max(total, 1))
+        self.tasks[label] = tid
+        return lambda done, total: self.progress.update(tid, completed=done, total=max(total, 1))
+
+    def end(self, label: str, summary: str) -> None:
+        tid = self.tasks.pop(label, None)
+        if tid is not None:
+            self.progress.update(tid, completed=self.progress.tasks[tid].total, description=f"{label} [dim]({summary})")
+
+
+@app.command()
+def run(
+    brief: Path = typer.Argument(..., help="the YAML brief"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="override the brief's model profile"),
+    home: Optional[Path] = HomeOpt,
+    store_url: Optional[str] = StoreOpt,
+    report: bool = typer.Option(True, "--report/--no-report", help="print the run report at the end"),
+) -> None:
+    """Run a brief through all five stages as a Prefect flow."""
+    from atelier.brief import load_brief
+    from atelier.registry import PROFILES
+
+    try:
+        campaign = load_brief(brief)
+    except BriefError as exc:
+        _fail(str(exc))
+    if profile is not None and profile not in PROFILES:
+        _fail(f"--profile: unknown profile {profile!r}; known: {', '.join(PROFILES)}")
+    h = home_dir(home)
+    prof = PROFILES[profile or campaign.brief.profile]
+    prepare_environment(h, offline_models=True)
+    run_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    out.print(f"atelier run [bold]{run_id}[/]: {campaign.brief.campaign} on profile [bold]{prof.name}[/]"
+              + (" [yellow](random-weight test models)[/]" if prof.random_weights else "") + f", home {h}")
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from atelier import progress as progress_mod
+
+    t0 = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=out, transient=False) as bar:
+        with progress_mod.reporting(_RichReporter(bar)):
+            bar.console.print("[dim]starting Prefect (embedded server unless PREFECT_API_URL is set)…")
+            from flows.campaign import campaign_flow
+
+            try:
+                campaign_flow(brief_path=str(brief), home=str(h), run_id=run_id, profile=prof.name, store_url=store_url)
+            except BriefError as exc:
+                _fail(str(exc))
+            except Exception as exc:  # noqa: BLE001 - recorded in the store; show one line and fail
+                err.print(f"[bold red]run {run_id} failed:[/] {type(exc).__name__}: {exc}")
+                raise typer.Exit(1)
+    out.print(f"run {run_id} completed in {time.perf_counter() - t0:.1f}s")
+    if report:
+        from atelier.cli.inspect import _show_report
+
+        _show_report(h, store_url, run_id, as_json=False)
+
+

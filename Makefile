@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-deps clean
 
 # torch first and alone: `torch==2.13.0` installs the CPU build from a local file; any other torch
 # requirement would pull several GB of CUDA wheels. constraints.txt keeps it (and friends) pinned.
@@ -20,7 +20,15 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/atelier run campaigns/demo.yaml
 
-test: install
+# System libraries the ncnn reference runtime (a test-only dependency) links against.
+test-deps:
+	@if ! ldconfig -p | grep -q 'libvulkan.so.1' || ! ldconfig -p | grep -q 'libomp.so.5'; then \
+		echo "installing libvulkan1 libomp5 (needed by the Real-ESRGAN reference test)"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libvulkan1 libomp5 >/dev/null; \
+	fi
+
+test: install test-deps
 	$(PY) -m pytest -q
 
 clean:

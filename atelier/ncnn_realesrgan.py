@@ -212,11 +212,10 @@ class _BinReader:
             raise ValueError(f"{self.path}: int8-quantized weights at offset {self.pos - 4} are not supported")
         if tag == _TAG_FP32_RAW or tag == 0:
             return self.raw_fp32(count)
-        if sum(tag_bytes) != 0:  # 256-entry float table + uint8 indices
-            table = self.raw_fp32(256)
-            index = np.frombuffer(self._take(self._align4(count))[:count], dtype=np.uint8)
-            return table[index]
-        raise ValueError(f"{self.path}: unknown blob tag {tag:#010x} at offset {self.pos - 4}")
+        # any other tag: 256-entry float lookup table + one uint8 index per value (as ncnn reads it)
+        table = self.raw_fp32(256)
+        index = np.frombuffer(self._take(self._align4(count))[:count], dtype=np.uint8)
+        return table[index]
 
 
 _NO_WEIGHT_LAYERS = {"Input", "Split", "Concat", "Eltwise", "BinaryOp", "Interp", "PixelShuffle"}

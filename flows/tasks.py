@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
 import time
@@ -23,7 +22,7 @@ from PIL import Image
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from atelier import progress
+from atelier import metadata, progress
 from atelier.brief import Campaign, Deliverable, fit_to_area
 from atelier.keys import asset_key, derive_seed
 from atelier.registry import Profile, device, get_profile, identity
@@ -82,12 +81,30 @@ def _missing(store: Store, keys: list[str]) -> set[str]:
 
 
 def _image_asset(key: str, stage: str, campaign: str, deliverable: str | None, image: Image.Image, params: dict,
-                 model: dict | None, seconds: float, parents: tuple[tuple[str, str], ...], kind: str = "image") -> NewAsset:
-    # The recipe travels inside the file: key, stage and parents in an ``atelier`` PNG text chunk.
-    meta = json.dumps({"key": key, "stage": stage, "parents": [list(p) for p in parents]})
+                 model: dict | None, seconds: float, parents: tuple[tuple[str, str], ...], kind: str = "image",
+                 store: Store | None = None) -> NewAsset:
+    """An image asset whose PNG carries its recipe (``atelier.metadata``): the lineage document in an
+    ``atelier`` text chunk (this recipe and every ancestor's, read from the store) and the A1111
+    ``parameters`` chunk. ``store`` defaults to the running task's ``ctx.store``."""
+    chain = {}
+    if parents:  # ancestors are committed before a child is computed
+        with (store or _task_store()).sessions() as s:
+            chain = metadata.ancestors(s, [k for k, _ in parents])
+    own = metadata.record(stage, kind, campaign, deliverable, image.width, image.height, params, model, parents)
+    doc = metadata.lineage_doc(key, own, chain)
     return NewAsset(key=key, stage=stage, kind=kind, campaign=campaign, deliverable=deliverable,
-                    data=png_bytes(image, {"atelier": meta}, compress_level=3), suffix=".png", params=params,
+                    data=png_bytes(image, metadata.png_text(doc), compress_level=3), suffix=".png", params=params,
                     model=model, width=image.width, height=image.height, seconds=seconds, parents=parents)
+
+
+def _task_store() -> Store:
+    """The store of the running task's ``ctx`` argument (every task here takes one)."""
+    from prefect.runtime import task_run
+
+    ctx = task_run.parameters.get("ctx")
+    if not isinstance(ctx, RunContext):
+        raise RuntimeError("embedding lineage needs the store: pass store=, or call inside a task taking ctx")
+    return ctx.store
 
 
 class _Stage:
@@ -405,11 +422,14 @@ def upscale_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[R
 
 @task(name="export-finals", cache_policy=NO_CACHE)
 def export_task(ctx: RunContext, campaign: Campaign, name: str, finals: list[Ref]) -> list[str]:
-    """Link each final into ``<home>/outputs/<campaign>/<deliverable>-<n>.png`` and mark it final."""
+    """Link each final into ``<home>/outputs/<campaign>/<deliverable>-<n>.png``, write its lineage
+    sidecar (``<deliverable>-<n>.png.json``) and mark it final."""
     out_dir = Path(ctx.home) / "outputs" / campaign.brief.campaign
     out_dir.mkdir(parents=True, exist_ok=True)
+    with ctx.store.sessions() as s:
+        docs = [metadata.doc_from_store(s, ref.key) for ref in finals]  # the document the PNG carries
     paths = []
-    for n, ref in enumerate(finals, start=1):
+    for n, (ref, doc) in enumerate(zip(finals, docs), start=1):
         target = out_dir / f"{name}-{n}{Path(ref.path).suffix}"
         if not (target.exists() and os.path.samefile(target, ref.path)):
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -419,6 +439,7 @@ def export_task(ctx: RunContext, campaign: Campaign, name: str, finals: list[Ref
             except OSError:
                 shutil.copyfile(ref.path, tmp)
             os.replace(tmp, target)
+        metadata.write_sidecar(target, doc)
         lineage.mark_final(ctx.store, ctx.run_id, ref.key, str(target))
         paths.append(str(target))
     return paths

@@ -6,6 +6,7 @@ from typing import Optional
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
@@ -79,18 +80,40 @@ def report(run_id: Optional[str] = typer.Argument(None, help="run id; default th
 @app.command()
 def lineage(ref: str = typer.Argument(..., help="asset key (or a unique prefix) or an image file atelier made"),
             home: Optional[Path] = HomeOpt, store_url: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
-    """Where did this file come from: the ancestry chain down to prompt, seed, draft and references."""
-    from atelier.report import SHOWN, lineage_dict
-    from store import queries
+    """Where did this file come from: the ancestry chain down to prompt, seed, draft and references.
 
-    st = _open(home, store_url)
-    with st.sessions() as s:
-        asset = queries.find_asset(s, ref)
-        if asset is None:
-            _fail(f"{ref}: no asset with this key, key prefix or file content in {st.url}")
-        data = lineage_dict(queries.ancestry(s, asset.key))
+    A file is looked up by its content in the store; a file the store does not know (a copy on another
+    machine, a JPEG / WebP delivery, no store at all) is read from the lineage it carries itself
+    (PNG chunk, XMP, or its ``.json`` sidecar).
+    """
+    from atelier import metadata
+    from atelier.report import SHOWN, lineage_dict
+    from atelier.settings import home_dir
+    from store import open_store, queries
+
+    # 1. The store, when there is one: it also knows paths, runs and timings.
+    h, path = home_dir(home), Path(ref)
+    has_store = bool(store_url) or (h / "lineage.db").exists()
+    data, origin, carrier, where = None, "store", None, store_url or str(h / "lineage.db")
+    if has_store:
+        st = open_store(h, store_url)
+        where = st.url
+        with st.sessions() as s:
+            asset = queries.find_asset(s, ref)
+            if asset is not None:
+                data = lineage_dict(queries.ancestry(s, asset.key))
+    # 2. Else the lineage the file carries (a copy elsewhere, a JPEG / WebP delivery, no store at all).
+    if data is None and path.is_file() and (found := metadata.read_embedded(path)) is not None:
+        data, origin, carrier = metadata.lineage_tree(found.doc), "embedded metadata", found.carrier
+    if data is None:
+        if not path.is_file():
+            _fail(f"{ref}: no asset with this key or key prefix in {where}" if has_store
+                  else f"no lineage store at {where} (run a brief first, or pass --home)")
+        none_carried = "the file carries no atelier lineage (PNG chunk, XMP or .json sidecar)"
+        _fail(f"{ref}: no asset with this file content in {where}, and {none_carried}" if has_store
+              else f"{ref}: {none_carried}, and there is no lineage store at {where}")
     if as_json:
-        return _print_json(data)
+        return _print_json({**data, "from": origin, **({"carrier": carrier} if carrier else {})})
 
     def add(parent: Tree | None, node: dict) -> Tree:
         params = node["params"]
@@ -105,6 +128,6 @@ def lineage(ref: str = typer.Argument(..., help="asset key (or a unique prefix) 
             add(t, p)
         return t
 
+    if carrier:
+        out.print(f"[dim](from embedded metadata: {escape(carrier)})[/]", highlight=False)
     out.print(add(None, data))
-
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from datetime import datetime, timezone
@@ -28,6 +29,23 @@ def validate(brief: Path = typer.Argument(..., help="the YAML brief")) -> None:
     out.print(f"[green]ok[/] {brief}: campaign {b.campaign}, profile {b.profile}, {len(campaign.style_refs)} "
               f"reference image(s), {len(b.deliverables)} deliverable(s), "
               f"{sum(d.drafts for d in b.deliverables)} drafts → {sum(d.keep for d in b.deliverables)} finals")
+
+
+def _missing_models(prof, models_dir: Path) -> list[str]:
+    """One line per model of the profile whose weights are not on this machine (checked in ~ms, offline)."""
+    from atelier.registry import available
+
+    roles = ("draft_model", "refine_model", "ip_adapter", "clip", "face", "upscale")
+    specs = list(dict.fromkeys(getattr(prof, r) for r in roles))
+    problems = []
+    # open_clip needs torch imported (~2 s) to be checked: look at everything else first and fail fast.
+    for spec in sorted(specs, key=lambda s: s.kind == "open-clip"):
+        if problems and spec.kind == "open-clip":
+            break
+        ok, where = available(spec, models_dir)
+        if not ok:
+            problems.append(f"{spec.name} ({spec.source}) is not available locally: {where}")
+    return problems
 
 
 class _RichReporter:
@@ -69,6 +87,9 @@ def run(
     h = home_dir(home)
     prof = PROFILES[profile or campaign.brief.profile]
     prepare_environment(h, offline_models=True)
+    missing = _missing_models(prof, h / "models")
+    if missing:
+        _fail(f"profile {prof.name!r} cannot run here: " + "; ".join(missing) + " (see `atelier models`)")
     run_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     out.print(f"atelier run [bold]{run_id}[/]: {campaign.brief.campaign} on profile [bold]{prof.name}[/]"
               + (" [yellow](random-weight test models)[/]" if prof.random_weights else "") + f", home {h}")
@@ -77,6 +98,7 @@ def run(
 
     from atelier import progress as progress_mod
 
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)  # prefect won't create it
     t0 = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=out, transient=False) as bar:

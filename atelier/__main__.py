@@ -1,0 +1,5 @@
+"""``python -m atelier`` == the ``atelier`` command."""
+
+from atelier.cli import main
+
+main()

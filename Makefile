@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-deps clean
+.PHONY: install demo test test-deps bench clean
 
 # torch first and alone: `torch==2.13.0` installs the CPU build from a local file; any other torch
 # requirement would pull several GB of CUDA wheels. constraints.txt keeps it (and friends) pinned.
@@ -30,6 +30,12 @@ test-deps:
 
 test: install test-deps
 	$(PY) -m pytest -q
+
+# The CPU benchmark set (~10 min): results/*.json + a markdown table each; see bench/README.md.
+bench: install
+	$(PY) -m bench.draft_efficiency
+	$(PY) -m bench.campaign_overhead
+	$(PY) -m bench.upscale
 
 clean:
 	rm -rf .atelier

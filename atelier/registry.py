@@ -410,8 +410,13 @@ def load_text2image(spec: ModelSpec, models_dir: Path):
 
         dev = device()
         kwargs = {"variant": spec.variant} if spec.variant and dev == "cuda" else {}
+        dtype = dtype_for(dev)
+        if spec.family == "flux" and dev == "cuda":
+            import torch
+
+            dtype = torch.bfloat16  # FLUX overflows to NaN (black images) in fp16 (diffusers issue #9096)
         pipe = AutoPipelineForText2Image.from_pretrained(
-            resolve(spec, models_dir), torch_dtype=dtype_for(dev), local_files_only=True, **kwargs)
+            resolve(spec, models_dir), torch_dtype=dtype, local_files_only=True, **kwargs)
         if hasattr(pipe, "safety_checker"):
             pipe.safety_checker = None  # a marketing pipeline reviews its finals; the checker blocks noise images
         pipe.set_progress_bar_config(disable=True)
@@ -458,10 +463,21 @@ def pipeline(spec: ModelSpec, models_dir: Path, mode: str, scheduler: str, ip_ad
             if loaded is not None:
                 base.unload_ip_adapter()
             if ip_adapter is not None:
+                root = resolve(ip_adapter, models_dir)
                 kwargs = {"subfolder": ip_adapter.subfolder} if ip_adapter.subfolder else {"subfolder": ""}
-                base.load_ip_adapter(str(resolve(ip_adapter, models_dir)), weight_name=ip_adapter.weight_name,
-                                     local_files_only=True, **kwargs)
+                if spec.family == "flux":
+                    # XLabs FLUX IP-Adapters ship without their CLIP image encoder (ViT-L/14): use an
+                    # image_encoder/ folder beside the weights, else openai's from the local HF cache.
+                    # diffusers defaults it to fp16 whatever the pipeline runs in: use the pipeline's dtype.
+                    encoder = root / ip_adapter.subfolder / "image_encoder"
+                    kwargs.update(image_encoder_pretrained_model_name_or_path=str(encoder) if encoder.is_dir()
+                                  else "openai/clip-vit-large-patch14", image_encoder_dtype=base.dtype)
+                base.load_ip_adapter(str(root), weight_name=ip_adapter.weight_name, local_files_only=True, **kwargs)
             base.__dict__["_atelier_ip_adapter"] = ip_adapter
+            # Derived pipelines hold the components they were made with (image encoder, feature
+            # extractor): rebuild them from the base rather than keep a stale encoder alive.
+            for mode_key in ("i2i", "inp"):
+                _models.pop((mode_key, spec.source, spec.variant, models_dir), None)
         _set_loras(base, spec, models_dir)
     key = (spec.source, spec.variant, models_dir)
     if mode == "txt2img":

@@ -85,8 +85,33 @@ def run_report(session: Session, run: Run) -> dict:
             d["draft"].sort(key=lambda x: x.get("index") or 0)
         if "select" in d:
             d["select"].sort(key=lambda x: x["key"])
+    for name, d in per_deliverable.items():
+        d["cost"] = deliverable_cost([a for _, a in members if a.deliverable == name])
     return {"run": run_dict(run), "stages": stages, "deliverables": dict(per_deliverable),
-            "finals": sorted(finals.values())}
+            "finals": sorted(finals.values()), "device": (run.info or {}).get("device")}
+
+
+def deliverable_cost(assets: list[Asset]) -> dict:
+    """Device seconds per stage (each asset's own compute time, reused or not) and the drafting payoff.
+
+    ``savings_vs_full_quality`` compares the chain that ran (all drafts + selection + refining the kept
+    ones) with generating every draft at full quality instead: drafts x (refine seconds per image).
+    """
+    per_stage: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for a in assets:
+        per_stage[a.stage] += a.seconds
+        counts[a.stage] += 1
+    total = sum(per_stage.values())
+    explore = per_stage["draft"] + per_stage["select"] + per_stage["refine"]
+    out = {"per_stage_s": {k: round(v, 3) for k, v in per_stage.items()}, "total_s": round(total, 3),
+           "draft_share": round(per_stage["draft"] / total, 4) if total else None,
+           "full_quality_estimate_s": None, "savings_vs_full_quality": None}
+    if counts["refine"] and counts["draft"] and per_stage["refine"] > 0:
+        full = counts["draft"] * per_stage["refine"] / counts["refine"]
+        out["full_quality_estimate_s"] = round(full, 3)
+        out["savings_vs_full_quality"] = round(1 - explore / full, 4)
+    return out
 
 
 def lineage_dict(node: dict) -> dict:

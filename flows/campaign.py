@@ -12,6 +12,7 @@ from atelier import __version__
 from atelier.brief import Campaign, load_brief
 from flows.tasks import (BoardRefs, RunContext, draft_task, export_task, face_task, inpaint_task, moodboard_task,
                          refine_task, select_task, upscale_task)
+from flows.artifacts import publish_deliverable
 from store import lineage, open_store
 
 
@@ -40,7 +41,9 @@ def deliverable_flow(ctx: RunContext, campaign: Campaign, name: str, board: Boar
         current = face_task(ctx, campaign, name, current)
     if d.post.upscale:
         current = upscale_task(ctx, campaign, name, current)
-    return export_task(ctx, campaign, name, current)
+    finals = export_task(ctx, campaign, name, current)
+    publish_deliverable(ctx.home, ctx.store_url, ctx.run_id, campaign.brief.campaign, name)
+    return finals
 
 
 @flow(name="campaign", log_prints=False, validate_parameters=False)

@@ -43,8 +43,9 @@ def check_inputs(req: DraftRequest) -> None:
         raise ValueError("no seeds: nothing to draft")
     if not 1 <= req.steps <= 50:
         raise ValueError(f"draft steps must be 1..50, got {req.steps}")
-    if req.width % 8 or req.height % 8:
-        raise ValueError(f"width and height must be multiples of 8, got {req.width}x{req.height}")
+    multiple = 16 if req.model.family == "flux" else 8  # FLUX: VAE factor 8 x 2x2 latent patches
+    if req.width % multiple or req.height % multiple:
+        raise ValueError(f"width and height must be multiples of {multiple}, got {req.width}x{req.height}")
 
 
 def generate_drafts(req: DraftRequest, on_progress: Progress | None = None) -> list[Draft]:
@@ -53,12 +54,15 @@ def generate_drafts(req: DraftRequest, on_progress: Progress | None = None) -> l
     # 2. Get the shared pipeline with the requested scheduler (no IP-Adapter for drafts)
     pipe = pipeline(req.model, req.models_dir, "txt2img", req.scheduler, ip_adapter=None)
     dev = device()
+    # FLUX has no classifier-free guidance: guidance_scale is the distilled guidance (dev) or ignored
+    # (schnell), and a negative prompt would need true CFG (two passes), which drafts never use.
+    use_negative = req.guidance > 1 and req.model.family != "flux"
     # 3. Generate batch by batch; one generator per image
     out: list[Draft] = []
     for seeds in batched(req.seeds, req.batch_size):
         result = pipe(
             prompt=[req.prompt] * len(seeds),
-            negative_prompt=[req.negative] * len(seeds) if req.guidance > 1 else None,
+            negative_prompt=[req.negative] * len(seeds) if use_negative else None,
             width=req.width, height=req.height, num_inference_steps=req.steps, guidance_scale=req.guidance,
             generator=generators(seeds, dev),
         )

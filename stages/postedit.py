@@ -62,6 +62,8 @@ def check_inpaint(req: InpaintRequest) -> None:
         raise ValueError(f"{len(req.sources)} sources but {len(req.seeds)} seeds")
     if not req.prompt.strip():
         raise ValueError("inpaint needs a prompt")
+    if req.model.family == "flux" and req.multiple % 16:
+        raise ValueError(f"FLUX inpaints at multiples of 16 (VAE factor 8 x 2x2 patches), got multiple={req.multiple}")
 
 
 def inpaint(req: InpaintRequest, on_progress: Progress | None = None) -> list[Image.Image]:
@@ -81,7 +83,8 @@ def inpaint(req: InpaintRequest, on_progress: Progress | None = None) -> list[Im
         with Image.open(req.mask) as m:
             mask = m.convert("L").resize((w, h), Image.Resampling.NEAREST)
         result = pipe(
-            prompt=req.prompt, negative_prompt=req.negative, image=image.resize((ww, hh), Image.Resampling.LANCZOS),
+            prompt=req.prompt, negative_prompt=None if req.model.family == "flux" else req.negative,  # FLUX: no CFG
+            image=image.resize((ww, hh), Image.Resampling.LANCZOS),
             mask_image=mask.resize((ww, hh), Image.Resampling.NEAREST), ip_adapter_image=[refs], width=ww, height=hh,
             strength=req.strength, num_inference_steps=req.steps, guidance_scale=req.guidance,
             generator=generators([seed], dev)[0],
@@ -183,17 +186,32 @@ def upscale(req: UpscaleRequest, on_progress: Progress | None = None) -> list[Im
     # 1. Check inputs
     if min(req.size) < 1 or req.tile < 16:
         raise ValueError(f"bad upscale request: size {req.size}, tile {req.tile}")
-    upsampler = load_upscaler(req.model, req.models_dir, req.tile)
     out = []
     for n, src in enumerate(req.sources):
         image = load_rgb(src)
-        # 2. Real-ESRGAN works in BGR uint8; its tile loop prints per tile, which we keep off stdout
-        bgr = np.asarray(image)[:, :, ::-1].copy()
-        with contextlib.redirect_stdout(io.StringIO()):
-            up, _ = upsampler.enhance(bgr, outscale=upsampler.scale)
+        # 2. Real-ESRGAN works in BGR uint8 (its tile loop prints per tile: kept off stdout)
+        up = _enhance_with_backoff(np.asarray(image)[:, :, ::-1].copy(), req)
         big = Image.fromarray(np.ascontiguousarray(up[:, :, ::-1]))
         # 3. Cover-fit to the exact delivered size (centre crop of any aspect mismatch)
         out.append(ImageOps.fit(big, req.size, Image.Resampling.LANCZOS))
         if on_progress:
             on_progress(n + 1, len(req.sources))
     return out
+
+
+def _enhance_with_backoff(bgr: np.ndarray, req: UpscaleRequest) -> np.ndarray:
+    """x4 with the requested tile size; on CUDA out-of-memory, retry with half the tile (down to 32 px)."""
+    import torch
+
+    tile = req.tile
+    while True:
+        upsampler = load_upscaler(req.model, req.models_dir, tile)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                up, _ = upsampler.enhance(bgr, outscale=upsampler.scale)
+            return up
+        except torch.OutOfMemoryError:
+            if tile <= 32:
+                raise
+            torch.cuda.empty_cache()
+            tile //= 2

@@ -45,6 +45,8 @@ def check_inputs(req: RefineRequest) -> None:
         raise ValueError("refine needs at least one style reference for IP-Adapter")
     if not 0 < req.strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {req.strength}")
+    if req.model.family == "flux" and (req.width % 16 or req.height % 16):
+        raise ValueError(f"FLUX needs width and height in multiples of 16, got {req.width}x{req.height}")
 
 
 def refine(req: RefineRequest, on_progress: Progress | None = None) -> list[Image.Image]:
@@ -55,16 +57,21 @@ def refine(req: RefineRequest, on_progress: Progress | None = None) -> list[Imag
     pipe.set_ip_adapter_scale(req.ip_adapter_scale)
     dev = device()
     refs = [load_rgb(p) for p in req.style_refs]
+    # FLUX: no negative prompt (it needs true CFG), guidance_scale is the distilled guidance, and the
+    # output size must be given (FluxImg2ImgPipeline defaults to 1024x1024 instead of the init's size)
+    flux = req.model.family == "flux"
+    size = {"width": req.width, "height": req.height} if flux else {}
     # 3. Regenerate from each draft at the refine size
     out: list[Image.Image] = []
     pairs = list(zip(req.inits, req.seeds))
     for chunk in batched(pairs, req.batch_size):
         inits = [load_rgb(p).resize((req.width, req.height), Image.Resampling.LANCZOS) for p, _ in chunk]
         result = pipe(
-            prompt=[req.prompt] * len(chunk), negative_prompt=[req.negative] * len(chunk), image=inits,
+            prompt=[req.prompt] * len(chunk), negative_prompt=None if flux else [req.negative] * len(chunk),
+            image=inits,
             ip_adapter_image=[refs],  # one adapter, all style refs: (1 adapter) x (n refs)
             strength=req.strength, num_inference_steps=req.steps, guidance_scale=req.guidance,
-            generator=generators([s for _, s in chunk], dev),
+            generator=generators([s for _, s in chunk], dev), **size,
         )
         out += result.images
         if on_progress:

@@ -191,3 +191,29 @@ def test_upscale_hits_the_exact_size(models_dir, tiny_profile, tmp_path) -> None
     [untiled] = postedit.upscale(postedit.UpscaleRequest((src,), (384, 216), tiny_profile.upscale, models_dir, tile=512))
     diff = np.abs(np.asarray(out, int) - np.asarray(untiled, int))
     assert diff[8:-8, 8:-8].mean() < 1.0  # tiles with padding: no visible seams
+
+
+def test_upscale_retries_with_smaller_tiles_on_out_of_memory(models_dir, tiny_profile, tmp_path, monkeypatch) -> None:
+    """Fault injection: tiles above 64 px 'run out of CUDA memory'; the stage halves the tile until it fits."""
+    import torch
+    from realesrgan import RealESRGANer
+
+    src = tmp_path / "small.png"
+    Image.open(REFS[0]).convert("RGB").resize((96, 64)).save(src)
+    real_enhance = RealESRGANer.enhance
+    tiles = []
+
+    def enhance(self, img, outscale=None):
+        tiles.append(self.tile_size)
+        if self.tile_size > 64:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_enhance(self, img, outscale=outscale)
+
+    monkeypatch.setattr(RealESRGANer, "enhance", enhance)
+    [out] = postedit.upscale(postedit.UpscaleRequest((src,), (384, 256), tiny_profile.upscale, models_dir, tile=256))
+    assert tiles == [256, 128, 64]
+    assert out.size == (384, 256)
+    monkeypatch.setattr(RealESRGANer, "enhance", lambda self, img, outscale=None: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("always")))
+    with pytest.raises(torch.OutOfMemoryError):
+        postedit.upscale(postedit.UpscaleRequest((src,), (384, 256), tiny_profile.upscale, models_dir, tile=64))

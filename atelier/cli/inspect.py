@@ -64,6 +64,14 @@ def _show_report(home, store_url, run_id: Optional[str], as_json: bool) -> None:
                     final = f" → [cyan]{x['final']}[/]" if x.get("final") else ""
                     sub.add(f"{x['key'][:10]} {x['width']}x{x['height']}{extra}{final}")
     out.print(tree)
+    cost = Table("deliverable", "device seconds", "drafts share", "vs all at full quality", title="cost (device time)")
+    for name, d in data["deliverables"].items():
+        c = d["cost"]
+        saving = (f"{c['savings_vs_full_quality']:+.0%} saved ({c['full_quality_estimate_s']:.1f}s if every draft "
+                  "were refined)" if c["savings_vs_full_quality"] is not None else "")
+        cost.add_row(name, f"{c['total_s']:.2f}", f"{c['draft_share']:.0%}" if c["draft_share"] is not None else "",
+                     saving)
+    out.print(cost)
     table = Table("stage", "assets", "computed", "reused", "seconds", title="per stage")
     for stage, v in data["stages"].items():
         table.add_row(stage, str(v["assets"]), str(v["computed"]), str(v["reused"]), f"{v['seconds']:.2f}")

@@ -13,6 +13,7 @@ from PIL import Image
 
 from atelier.registry import ModelSpec, device, pipeline
 from stages.common import Progress, batched, generators
+from stages.prompts import prompt_kwargs
 
 STAGE_VERSION = 1
 
@@ -61,8 +62,8 @@ def generate_drafts(req: DraftRequest, on_progress: Progress | None = None) -> l
     out: list[Draft] = []
     for seeds in batched(req.seeds, req.batch_size):
         result = pipe(
-            prompt=[req.prompt] * len(seeds),
-            negative_prompt=[req.negative] * len(seeds) if use_negative else None,
+            **prompt_kwargs(pipe, req.model.family, [req.prompt] * len(seeds),
+                            [req.negative] * len(seeds) if use_negative else None),
             width=req.width, height=req.height, num_inference_steps=req.steps, guidance_scale=req.guidance,
             generator=generators(seeds, dev),
         )

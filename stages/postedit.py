@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from atelier.registry import ModelSpec, device, load_face_restorer, load_upscaler, pipeline
 from stages.common import Progress, generators, load_rgb
+from stages.prompts import prompt_kwargs
 
 STAGE_VERSIONS = {"mask": 1, "inpaint": 1, "face_restore": 1, "upscale": 1}
 
@@ -83,7 +84,8 @@ def inpaint(req: InpaintRequest, on_progress: Progress | None = None) -> list[Im
         with Image.open(req.mask) as m:
             mask = m.convert("L").resize((w, h), Image.Resampling.NEAREST)
         result = pipe(
-            prompt=req.prompt, negative_prompt=None if req.model.family == "flux" else req.negative,  # FLUX: no CFG
+            **prompt_kwargs(pipe, req.model.family, [req.prompt],
+                            None if req.model.family == "flux" else [req.negative]),  # FLUX: no CFG
             image=image.resize((ww, hh), Image.Resampling.LANCZOS),
             mask_image=mask.resize((ww, hh), Image.Resampling.NEAREST), ip_adapter_image=[refs], width=ww, height=hh,
             strength=req.strength, num_inference_steps=req.steps, guidance_scale=req.guidance,

@@ -14,6 +14,7 @@ from PIL import Image
 
 from atelier.registry import ModelSpec, device, pipeline
 from stages.common import Progress, batched, generators, load_rgb
+from stages.prompts import prompt_kwargs
 
 STAGE_VERSION = 1
 
@@ -67,7 +68,8 @@ def refine(req: RefineRequest, on_progress: Progress | None = None) -> list[Imag
     for chunk in batched(pairs, req.batch_size):
         inits = [load_rgb(p).resize((req.width, req.height), Image.Resampling.LANCZOS) for p, _ in chunk]
         result = pipe(
-            prompt=[req.prompt] * len(chunk), negative_prompt=None if flux else [req.negative] * len(chunk),
+            **prompt_kwargs(pipe, req.model.family, [req.prompt] * len(chunk),
+                            None if flux else [req.negative] * len(chunk)),
             image=inits,
             ip_adapter_image=[refs],  # one adapter, all style refs: (1 adapter) x (n refs)
             strength=req.strength, num_inference_steps=req.steps, guidance_scale=req.guidance,

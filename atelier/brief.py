@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
@@ -41,12 +41,14 @@ class Brand(_Strict):
 class Inpaint(_Strict):
     prompt: str
     region: tuple[float, float, float, float] | None = None  # x, y, w, h as fractions of the image
+    shape: Literal["rect", "ellipse"] = "rect"  # of the region
     mask: str | None = None  # image path relative to the brief's folder; white = repaint
+    faces: bool = False  # repaint the faces OpenCV finds in each image
 
     @model_validator(mode="after")
     def _one_source(self) -> "Inpaint":
-        if (self.region is None) == (self.mask is None):
-            raise ValueError("give exactly one of region: [x, y, w, h] or mask: PATH")
+        if sum([self.region is not None, self.mask is not None, self.faces]) != 1:
+            raise ValueError("give exactly one of region: [x, y, w, h], mask: PATH or faces: true")
         return self
 
     @field_validator("region")

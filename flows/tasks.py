@@ -317,25 +317,39 @@ def inpaint_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[R
     d = next(x for x in campaign.brief.deliverables if x.name == name)
     spec, prof, store, s = d.post.inpaint, ctx.prof, ctx.store, ctx.prof.inpaint
     st = _Stage(ctx, name, "inpaint", len(sources))
-    # 1. The mask asset: a drawn region (at the sources' size) or the brief's mask file.
+    # 1. The mask assets: the brief's mask file, a drawn region (at the sources' size), or the faces
+    #    found in each source (one mask per source, a child of that source).
     with Image.open(sources[0].path) as im:
         size = im.size
     mask_file = campaign.mask_for(name)
-    if mask_file is not None:
-        data = mask_file.read_bytes()
-        mask_params = {"source": str(mask_file.relative_to(campaign.root)), "sha256": hashlib.sha256(data).hexdigest()}
-        with Image.open(io.BytesIO(data)) as m:
-            mask_img = m.convert("L")
+    masks: list[NewAsset] = []
+    if spec.faces:
+        for r in sources:
+            with Image.open(r.path) as im:
+                mask_img, boxes = postedit.face_mask(im.convert("RGB"))
+            params = {"from": f"faces:opencv-haar:{postedit.HAAR_CASCADE}", "faces": [list(b) for b in boxes]}
+            key = asset_key("mask", postedit.STAGE_VERSIONS["mask"], {"from": params["from"]}, [(r.key, "source")], None)
+            masks.append(_image_asset(key, "mask", campaign.brief.campaign, name, mask_img, params, None, 0.0,
+                                      ((r.key, "source"),), kind="mask"))
     else:
-        mask_params = {"region": list(spec.region), "width": size[0], "height": size[1]}
-        mask_img = postedit.region_mask(size, spec.region)
-    mask_key = asset_key("mask", postedit.STAGE_VERSIONS["mask"], mask_params, [], None)
-    if _missing(store, [mask_key]):
-        save(store, ctx.run_id, [_image_asset(mask_key, "mask", campaign.brief.campaign, name, mask_img, mask_params,
-                                              None, 0.0, (), kind="mask")])
-    else:
-        lineage.mark_reused(store, ctx.run_id, [mask_key])
-    mask_ref = _refs(store, [mask_key])[0]
+        if mask_file is not None:
+            data = mask_file.read_bytes()
+            params = {"source": str(mask_file.relative_to(campaign.root)), "sha256": hashlib.sha256(data).hexdigest()}
+            with Image.open(io.BytesIO(data)) as m:
+                mask_img = m.convert("L")
+        else:
+            params = {"region": list(spec.region), "shape": spec.shape, "width": size[0], "height": size[1]}
+            mask_img = postedit.region_mask(size, spec.region, spec.shape)
+        key = asset_key("mask", postedit.STAGE_VERSIONS["mask"], params, [], None)
+        masks.append(_image_asset(key, "mask", campaign.brief.campaign, name, mask_img, params, None, 0.0, (),
+                                  kind="mask"))
+    mask_keys = [m.key for m in masks]
+    new_masks = _missing(store, mask_keys)
+    if new_masks:
+        save(store, ctx.run_id, [m for m in masks if m.key in new_masks])
+    lineage.mark_reused(store, ctx.run_id, [k for k in mask_keys if k not in new_masks])
+    mask_refs = _refs(store, mask_keys)
+    mask_for = (lambda i: mask_refs[i]) if len(mask_refs) > 1 else (lambda i: mask_refs[0])
     # 2. The inpainted images.
     model_id = {"pipeline": identity(prof.refine_model, ctx.models_dir),
                 "ip_adapter": identity(prof.ip_adapter, ctx.models_dir)}
@@ -343,8 +357,8 @@ def inpaint_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[R
     recipes = [{"prompt": spec.prompt, "negative": _negative(campaign, d), "seed": seed, "steps": s.steps,
                 "guidance": s.guidance, "strength": s.strength, "scheduler": s.scheduler,
                 "ip_adapter_scale": prof.ip_adapter_scale} for seed in seeds]
-    parents = [((r.key, "source"), (mask_key, "mask")) + tuple((sr.key, "style-ref") for sr in board.style_refs)
-               for r in sources]
+    parents = [((r.key, "source"), (mask_for(i).key, "mask")) + tuple((sr.key, "style-ref") for sr in board.style_refs)
+               for i, r in enumerate(sources)]
     keys = [asset_key("inpaint", postedit.STAGE_VERSIONS["inpaint"], rc, p, model_id) for rc, p in zip(recipes, parents)]
     missing = _missing(store, keys)
     if not missing:
@@ -352,7 +366,8 @@ def inpaint_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[R
     todo = [i for i, k in enumerate(keys) if k in missing]
     t0 = time.perf_counter()
     images = postedit.inpaint(postedit.InpaintRequest(
-        sources=tuple(Path(sources[i].path) for i in todo), mask=Path(mask_ref.path), prompt=spec.prompt,
+        sources=tuple(Path(sources[i].path) for i in todo), masks=tuple(Path(mask_for(i).path) for i in todo),
+        prompt=spec.prompt,
         negative=recipes[0]["negative"], seeds=tuple(seeds[i] for i in todo), steps=s.steps, guidance=s.guidance,
         strength=s.strength, scheduler=s.scheduler, style_refs=tuple(Path(r.path) for r in board.style_refs),
         ip_adapter_scale=prof.ip_adapter_scale, model=prof.refine_model, ip_adapter=prof.ip_adapter,

@@ -28,21 +28,38 @@ STAGE_VERSIONS = {"mask": 1, "inpaint": 1, "face_restore": 1, "upscale": 1}
 
 
 # ------------------------------------------------------------------------------------------ inpaint
-def region_mask(size: tuple[int, int], region: tuple[float, float, float, float]) -> Image.Image:
-    """An 'L' mask, white (255) inside the fractional rectangle (x, y, w, h), black elsewhere."""
+def region_mask(size: tuple[int, int], region: tuple[float, float, float, float], shape: str = "rect") -> Image.Image:
+    """An 'L' mask, white (255) inside the fractional rectangle (x, y, w, h) or its inscribed ellipse."""
     w, h = size
     x, y, rw, rh = region
     mask = Image.new("L", size, 0)
-    ImageDraw.Draw(mask).rectangle(
-        [round(x * w), round(y * h), max(round((x + rw) * w) - 1, 0), max(round((y + rh) * h) - 1, 0)], fill=255
-    )
+    box = [round(x * w), round(y * h), max(round((x + rw) * w) - 1, 0), max(round((y + rh) * h) - 1, 0)]
+    draw = ImageDraw.Draw(mask)
+    if shape == "ellipse":
+        draw.ellipse(box, fill=255)
+    elif shape == "rect":
+        draw.rectangle(box, fill=255)
+    else:
+        raise ValueError(f"unknown mask shape {shape!r}; known: rect, ellipse")
     return mask
+
+
+def face_mask(image: Image.Image, max_faces: int = 4, grow: float = 0.15) -> tuple[Image.Image, list]:
+    """An 'L' mask of ellipses over the faces OpenCV finds (each box grown by ``grow``), and the boxes."""
+    boxes = detect_faces(image, max_faces)
+    mask = Image.new("L", image.size, 0)
+    draw = ImageDraw.Draw(mask)
+    for x, y, w, h in boxes:
+        dx, dy = w * grow, h * grow
+        draw.ellipse([max(0, x - dx), max(0, y - dy), min(image.width - 1, x + w + dx), min(image.height - 1, y + h + dy)],
+                     fill=255)
+    return mask, boxes
 
 
 @dataclass(frozen=True)
 class InpaintRequest:
     sources: tuple[Path, ...]
-    mask: Path  # white = repaint; resized to each source
+    masks: tuple[Path, ...]  # one per source, or one for all; white = repaint; resized to its source
     prompt: str
     negative: str
     seeds: tuple[int, ...]
@@ -61,6 +78,8 @@ class InpaintRequest:
 def check_inpaint(req: InpaintRequest) -> None:
     if len(req.sources) != len(req.seeds):
         raise ValueError(f"{len(req.sources)} sources but {len(req.seeds)} seeds")
+    if len(req.masks) not in (1, len(req.sources)):
+        raise ValueError(f"give one mask, or one per source ({len(req.sources)}), got {len(req.masks)}")
     if not req.prompt.strip():
         raise ValueError("inpaint needs a prompt")
     if req.model.family == "flux" and req.multiple % 16:
@@ -81,7 +100,7 @@ def inpaint(req: InpaintRequest, on_progress: Progress | None = None) -> list[Im
         image = load_rgb(src)
         w, h = image.size
         ww, hh = max(req.multiple, w // req.multiple * req.multiple), max(req.multiple, h // req.multiple * req.multiple)
-        with Image.open(req.mask) as m:
+        with Image.open(req.masks[n] if len(req.masks) > 1 else req.masks[0]) as m:
             mask = m.convert("L").resize((w, h), Image.Resampling.NEAREST)
         result = pipe(
             **prompt_kwargs(pipe, req.model.family, [req.prompt],

@@ -146,3 +146,19 @@ def test_run_with_unknown_profile_option(brief_dir: Path, tmp_path: Path) -> Non
     assert res.exit_code == 2
     assert "unknown profile 'nope'" in res.output
     assert not home.exists()
+
+
+@pytest.mark.parametrize("inpaint, ok", [
+    ('{region: [0.1, 0.1, 0.5, 0.5], shape: ellipse, prompt: "sky"}', True),
+    ('{faces: true, prompt: "a smiling face"}', True),
+    ('{faces: true, region: [0.1, 0.1, 0.5, 0.5], prompt: "x"}', False),
+    ('{region: [0.1, 0.1, 0.5, 0.5], shape: star, prompt: "x"}', False),
+])
+def test_inpaint_mask_sources(brief_dir: Path, inpaint: str, ok: bool) -> None:
+    text = GOOD.replace('{region: [0.7, 0.0, 0.3, 0.2], prompt: "plain wall"}', inpaint)
+    path = write_brief(brief_dir, text)
+    if ok:
+        assert load_brief(path).brief.deliverables[0].post.inpaint.prompt
+    else:
+        with pytest.raises(BriefError, match=r"deliverables\[0\]\.post\.inpaint"):
+            load_brief(path)

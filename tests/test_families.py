@@ -157,7 +157,7 @@ def test_inpaint_changes_only_the_mask(models_dir, inits, name, tmp_path) -> Non
     postedit.region_mask((70, 50), (0.5, 0.0, 0.5, 0.5)).save(tmp_path / "mask.png")
     m = np.asarray(Image.open(tmp_path / "mask.png")) > 0
     [out] = postedit.inpaint(postedit.InpaintRequest(
-        sources=(src,), mask=tmp_path / "mask.png", prompt="plain wall", negative="people", seeds=(3,), steps=3,
+        sources=(src,), masks=(tmp_path / "mask.png",), prompt="plain wall", negative="people", seeds=(3,), steps=3,
         guidance=fam.guidance, strength=1.0, scheduler=fam.scheduler, style_refs=REFS[:1], ip_adapter_scale=0.6,
         model=fam.model, ip_adapter=fam.ip_adapter, models_dir=models_dir, multiple=16))
     a, b = _px(Image.open(src).convert("RGB")), _px(out)
@@ -172,7 +172,7 @@ def test_inpaint_changes_only_the_mask(models_dir, inits, name, tmp_path) -> Non
 def test_flux_inpaint_rejects_a_multiple_not_of_16(models_dir, tmp_path) -> None:
     fam = FAMILIES["flux"]
     with pytest.raises(ValueError, match="multiples of 16"):
-        postedit.inpaint(postedit.InpaintRequest((), tmp_path / "m.png", "x", "", (), 2, 0.0, 1.0, fam.scheduler, (),
+        postedit.inpaint(postedit.InpaintRequest((), (tmp_path / "m.png",), "x", "", (), 2, 0.0, 1.0, fam.scheduler, (),
                                                  0.6, fam.model, fam.ip_adapter, models_dir, multiple=8))
 
 

@@ -40,6 +40,7 @@ deliverables:
     keep: 1
     size: 256x256
     post:
+      inpaint: {faces: true, prompt: "a smiling face"}
       upscale: true
 """
 
@@ -79,15 +80,15 @@ def test_lineage_is_complete(e2e) -> None:
         for stage in ("select", "refine", "inpaint", "face_restore", "upscale"):
             assert counts[("hero", stage)] == 2, stage
         assert counts[("hero", "mask")] == 1
-        for stage in ("select", "refine", "upscale"):
+        for stage in ("select", "refine", "mask", "inpaint", "upscale"):
             assert counts[("square", stage)] == 1, stage
-        assert counts[("square", "inpaint")] == 0 and counts[("square", "face_restore")] == 0
+        assert counts[("square", "face_restore")] == 0
         # every non-root asset has parents, and every file is in place with the recorded hash
         import hashlib
 
         for _, a in members:
             parents = s.scalars(select(Edge).where(Edge.child == a.key)).all()
-            if a.stage in ("reference", "draft", "mask"):
+            if a.stage in ("reference", "draft") or (a.stage == "mask" and "region" in a.params):
                 assert parents == [], a.stage
             else:
                 assert parents, f"{a.stage} {a.key} has no parents"
@@ -171,4 +172,4 @@ def test_editing_one_prompt_recomputes_only_that_chain(e2e, tmp_path) -> None:
     data = json.loads(e2e["runner"].invoke(app, ["report", "--home", str(e2e["home"]), "--json"]).output)
     hero, square = data["deliverables"]["hero"]["stages"], data["deliverables"]["square"]["stages"]
     assert all(v["computed"] == 0 for v in hero.values()), hero
-    assert square["draft"]["computed"] == 3 and square["refine"]["computed"] == 1
+    assert square["draft"]["computed"] == 3 and square["refine"]["computed"] == 1 and square["inpaint"]["computed"] == 1

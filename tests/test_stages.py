@@ -148,7 +148,7 @@ def test_inpaint_changes_only_the_mask(models_dir, tiny_profile, tmp_path) -> No
     m = np.asarray(mask) > 0
     assert m.sum() == 30 * 12
     [out] = postedit.inpaint(postedit.InpaintRequest(
-        sources=(src,), mask=tmp_path / "mask.png", prompt="plain wall", negative="", seeds=(1,), steps=4,
+        sources=(src,), masks=(tmp_path / "mask.png",), prompt="plain wall", negative="", seeds=(1,), steps=4,
         guidance=5.0, strength=1.0, scheduler="euler", style_refs=REFS[:1], ip_adapter_scale=0.6,
         model=tiny_profile.refine_model, ip_adapter=tiny_profile.ip_adapter, models_dir=models_dir, multiple=16))
     a, b = np.asarray(Image.open(src).convert("RGB"), int), np.asarray(out, int)
@@ -217,3 +217,22 @@ def test_upscale_retries_with_smaller_tiles_on_out_of_memory(models_dir, tiny_pr
         torch.OutOfMemoryError("always")))
     with pytest.raises(torch.OutOfMemoryError):
         postedit.upscale(postedit.UpscaleRequest((src,), (384, 256), tiny_profile.upscale, models_dir, tile=64))
+
+
+def test_region_masks_rect_and_ellipse() -> None:
+    rect = np.asarray(postedit.region_mask((100, 50), (0.5, 0.0, 0.5, 1.0))) > 0
+    assert rect.sum() == 50 * 50 and rect[:, 50:].all() and not rect[:, :50].any()
+    ellipse = np.asarray(postedit.region_mask((100, 50), (0.5, 0.0, 0.5, 1.0), "ellipse")) > 0
+    assert not ellipse[:, :50].any() and ellipse[25, 75] and not ellipse[0, 51]  # corners are outside
+    assert 0.7 * rect.sum() < ellipse.sum() < 0.85 * rect.sum()  # pi/4 of the box
+    with pytest.raises(ValueError, match="known: rect, ellipse"):
+        postedit.region_mask((10, 10), (0, 0, 1, 1), "star")
+
+
+def test_face_mask_covers_the_detected_face(astronaut_path) -> None:
+    image = Image.open(astronaut_path).convert("RGB")
+    mask, boxes = postedit.face_mask(image)
+    m = np.asarray(mask) > 0
+    [(x, y, w, h)] = boxes
+    assert m[y + h // 2, x + w // 2]  # the face centre is repainted
+    assert m.sum() < 0.2 * m.size and not m[:, : max(0, x - w)].any()  # and little else

@@ -70,6 +70,38 @@ class Post(_Strict):
     upscale: bool = False
 
 
+class LoraRef(_Strict):
+    source: str  # a .safetensors file or folder relative to the brief's folder, or a Hugging Face id
+    scale: float = Field(default=1.0, ge=-4, le=4)
+    weight_name: str = ""
+
+
+class StageOverride(_Strict):
+    """Per-stage settings that replace the profile's (all optional)."""
+
+    steps: int | None = Field(default=None, ge=1, le=200)
+    guidance: float | None = Field(default=None, ge=0, le=30)
+    scheduler: str | None = None
+    strength: float | None = Field(default=None, gt=0, le=1)
+    loras: tuple[LoraRef, ...] = ()
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known(cls, value):
+        from atelier.registry import SCHEDULERS
+
+        if value is not None and value not in SCHEDULERS:
+            raise ValueError(f'unknown scheduler "{value}"; known: {", ".join(SCHEDULERS)}')
+        return value
+
+
+class Stages(_Strict):
+    draft: StageOverride = StageOverride()
+    refine: StageOverride = StageOverride()
+    inpaint: StageOverride = StageOverride()
+    ip_adapter_scale: float | None = Field(default=None, ge=0, le=2)
+
+
 class Deliverable(_Strict):
     name: Name
     prompt: Annotated[str, StringConstraints(min_length=1, max_length=2000)]
@@ -134,6 +166,7 @@ class Brief(_Strict):
     brand: Brand
     deliverables: tuple[Deliverable, ...] = Field(min_length=1, max_length=50)
     max_style_refs: int = Field(default=4, ge=1, le=16)  # the mood board keeps the N most central refs
+    stages: Stages = Stages()  # optional per-stage overrides of the profile (steps, guidance, LoRAs...)
 
     @field_validator("deliverables")
     @classmethod
@@ -162,6 +195,40 @@ class Campaign:
 
     def mask_for(self, deliverable: str) -> Path | None:
         return dict(self.masks).get(deliverable)
+
+    def profile(self, name: str | None = None):
+        """The brief's model profile (or ``name``) with the brief's stage overrides applied."""
+        return apply_overrides(name or self.brief.profile, self.brief.stages, self.root)
+
+
+def _lora_source(root: Path, source: str) -> str:
+    local = root / source
+    return str(local.resolve()) if local.exists() else source
+
+
+def apply_overrides(profile_name: str, stages: Stages, root: Path):
+    """A copy of the named profile with the brief's per-stage settings and extra LoRAs."""
+    import hashlib
+    from dataclasses import replace
+
+    from atelier.registry import Lora, get_profile
+
+    prof = get_profile(profile_name)
+    changes: dict = {}
+    for stage in ("draft", "refine", "inpaint"):
+        o: StageOverride = getattr(stages, stage)
+        fields = {k: getattr(o, k) for k in ("steps", "guidance", "scheduler", "strength") if getattr(o, k) is not None}
+        if fields:
+            changes[stage] = replace(getattr(prof, stage), **fields)
+    for stage, role in (("draft", "draft_model"), ("refine", "refine_model")):
+        o = getattr(stages, stage)
+        if o.loras:
+            extra = tuple(Lora("brief-" + hashlib.sha256(lo.source.encode()).hexdigest()[:10],
+                               _lora_source(root, lo.source), lo.weight_name, lo.scale) for lo in o.loras)
+            changes[role] = replace(getattr(prof, role), loras=getattr(prof, role).loras + extra)
+    if stages.ip_adapter_scale is not None:
+        changes["ip_adapter_scale"] = stages.ip_adapter_scale
+    return replace(prof, **changes) if changes else prof
 
 
 def _loc(loc: tuple) -> str:
@@ -255,6 +322,18 @@ def load_brief(path: str | Path, profile_names: tuple[str, ...] | None = None) -
             _check_image(file, field, p)
             if p not in refs:
                 refs.append(p)
+    for stage in ("draft", "refine", "inpaint"):
+        for i, lo in enumerate(getattr(brief.stages, stage).loras):
+            field = f"stages.{stage}.loras[{i}].source"
+            local = root / lo.source
+            if local.exists():
+                if not local.resolve().is_relative_to(root.resolve()):
+                    raise BriefError(file, field, f'"{lo.source}" points outside the brief\'s folder')
+            elif ".." in lo.source or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", lo.source):
+                raise BriefError(file, field, f'"{lo.source}": no such file (give a path relative to the brief, '
+                                              "or a Hugging Face id like org/name)")
+    if brief.stages.inpaint.loras:
+        raise BriefError(file, "stages.inpaint.loras", "LoRAs apply to draft and refine; inpaint uses the refine model's")
     masks = []
     for i, d in enumerate(brief.deliverables):
         if d.post.inpaint is not None and d.post.inpaint.mask is not None:

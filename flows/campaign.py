@@ -52,7 +52,8 @@ def campaign_flow(brief_path: str, home: str, run_id: str, profile: str | None =
     """Run a brief end to end; returns the run id. Lineage goes to the store under ``home``."""
     campaign: Campaign = load_brief(brief_path)
     profile = profile or campaign.brief.profile
-    ctx = RunContext(run_id=run_id, home=str(Path(home).resolve()), store_url=store_url, profile=profile)
+    ctx = RunContext(run_id=run_id, home=str(Path(home).resolve()), store_url=store_url, profile=profile,
+                     stages=campaign.brief.stages, brief_root=str(campaign.root))
     store = open_store(Path(ctx.home), store_url)
     lineage.start_run(store, run_id, campaign.brief.campaign, str(campaign.path), campaign.sha256, profile,
                       {"versions": _versions(), "device": _device()})

@@ -23,9 +23,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from atelier import metadata, progress
-from atelier.brief import Campaign, Deliverable, fit_to_area
+from atelier.brief import Campaign, Deliverable, Stages, apply_overrides, fit_to_area
 from atelier.keys import asset_key, derive_seed
-from atelier.registry import Profile, device, get_profile, identity
+from atelier.registry import Profile, device, identity
 from stages import draft as draft_stage
 from stages import moodboard as moodboard_stage
 from stages import postedit
@@ -42,6 +42,8 @@ class RunContext:
     home: str
     store_url: str | None
     profile: str
+    stages: Stages = Stages()  # the brief's per-stage overrides of the profile
+    brief_root: str = "."
 
     @property
     def store(self) -> Store:
@@ -53,7 +55,8 @@ class RunContext:
 
     @property
     def prof(self) -> Profile:
-        return get_profile(self.profile)
+        """The profile as this brief runs it: the registry's, with the brief's stage overrides applied."""
+        return apply_overrides(self.profile, self.stages, Path(self.brief_root))
 
 
 @dataclass(frozen=True)

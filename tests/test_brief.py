@@ -162,3 +162,37 @@ def test_inpaint_mask_sources(brief_dir: Path, inpaint: str, ok: bool) -> None:
     else:
         with pytest.raises(BriefError, match=r"deliverables\[0\]\.post\.inpaint"):
             load_brief(path)
+
+
+def test_stage_overrides_apply_to_the_profile(brief_dir: Path) -> None:
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"x": torch.zeros(1)}, str(brief_dir / "refs" / "style.safetensors"))
+    text = GOOD + """stages:
+  draft: {steps: 2, scheduler: euler-a}
+  refine: {guidance: 4.5, strength: 0.4, loras: [{source: refs/style.safetensors, scale: 0.7}]}
+  ip_adapter_scale: 0.3
+"""
+    c = load_brief(write_brief(brief_dir, text))
+    prof = c.profile()
+    assert (prof.draft.steps, prof.draft.scheduler) == (2, "euler-a")
+    assert prof.draft.guidance == 1.0  # untouched settings keep the profile's values
+    assert (prof.refine.guidance, prof.refine.strength, prof.ip_adapter_scale) == (4.5, 0.4, 0.3)
+    [lora] = prof.refine_model.loras
+    assert lora.scale == 0.7 and lora.source == str((brief_dir / "refs" / "style.safetensors").resolve())
+    assert prof.draft_model.loras == ()
+
+
+@pytest.mark.parametrize("stages, field, words", [
+    ("  draft: {scheduler: heun}", "stages.draft.scheduler", 'unknown scheduler "heun"'),
+    ("  refine: {steps: 0}", "stages.refine.steps", "greater than or equal"),
+    ("  draft: {loras: [{source: missing.safetensors}]}", "stages.draft.loras[0].source", "no such file"),
+    ("  draft: {loras: [{source: ../x.safetensors}]}", "stages.draft.loras[0].source", "no such file"),
+    ("  draft: {colour: red}", "stages.draft.colour", "unknown key"),
+])
+def test_bad_stage_overrides(brief_dir: Path, stages: str, field: str, words: str) -> None:
+    path = write_brief(brief_dir, GOOD + "stages:\n" + stages + "\n")
+    with pytest.raises(BriefError) as info:
+        load_brief(path)
+    assert str(info.value).startswith(f"{path}: {field}: ") and words in str(info.value), str(info.value)

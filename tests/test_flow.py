@@ -173,3 +173,15 @@ def test_editing_one_prompt_recomputes_only_that_chain(e2e, tmp_path) -> None:
     hero, square = data["deliverables"]["hero"]["stages"], data["deliverables"]["square"]["stages"]
     assert all(v["computed"] == 0 for v in hero.values()), hero
     assert square["draft"]["computed"] == 3 and square["refine"]["computed"] == 1 and square["inpaint"]["computed"] == 1
+
+
+def test_changing_refine_settings_reuses_drafts_and_selection(e2e) -> None:
+    brief = e2e["brief"]
+    edited = brief.parent / "refine-steps.yaml"
+    edited.write_text(brief.read_text() + "stages:\n  refine: {steps: 3}\n")
+    res = e2e["runner"].invoke(app, ["run", str(edited), "--home", str(e2e["home"]), "--no-report"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(e2e["runner"].invoke(app, ["report", "--home", str(e2e["home"]), "--json"]).output)
+    hero = data["deliverables"]["hero"]["stages"]
+    assert hero["draft"]["computed"] == 0 and hero["select"]["computed"] == 0
+    assert hero["refine"]["computed"] == 2 and hero["upscale"]["computed"] == 2  # and everything after refine

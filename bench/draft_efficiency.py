@@ -10,6 +10,7 @@ Usage: python bench/draft_efficiency.py [--rounds 4] [--images 8]
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from bench.common import Timer, write
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--profile", default="tiny")
     args = ap.parse_args()
@@ -77,7 +78,7 @@ def main() -> None:
             with Timer() as t:
                 fn(batch)
             times[name].append(t.seconds)
-    ips = {k: args.images / (sum(v) / len(v)) for k, v in times.items()}
+    ips = {k: args.images / statistics.median(v) for k, v in times.items()}  # median: robust to load spikes
     ratio = ips["atelier stage"] / ips["bare diffusers"]
     ratio_store = ips["atelier stage + store"] / ips["bare diffusers"]
 

@@ -210,6 +210,13 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def device_used() -> str:
+    """The device, if this process has touched torch at all; "none" when everything was reused."""
+    import sys
+
+    return device() if "torch" in sys.modules else "none"
+
+
 def dtype_for(dev: str):
     """fp16 on CUDA (every seed checkpoint ships fp16-safe weights), fp32 on CPU."""
     import torch
@@ -244,10 +251,6 @@ def resolve(spec: ModelSpec | Lora, models_dir: Path) -> Path:
 
     Raises ``ModelUnavailable`` naming the model and how to fetch it when the weights are not here.
     """
-    if spec.source.startswith(("tiny:", "ncnn:")) or getattr(spec, "kind", "") == "open-clip":
-        from atelier import compat
-
-        compat.apply()  # these import torch / open_clip / basicsr; plain HF lookups stay torch-free (fast)
     if spec.source.startswith("tiny:"):
         from atelier import tiny
 
@@ -272,6 +275,9 @@ def resolve(spec: ModelSpec | Lora, models_dir: Path) -> Path:
 
 def _open_clip_cached(spec: ModelSpec) -> Path:
     """The cached weights file of an open_clip pretrained tag (open_clip keeps them in the HF cache)."""
+    from atelier import compat
+
+    compat.apply()  # open_clip imports torchvision
     import open_clip
     from huggingface_hub import try_to_load_from_cache
 
@@ -292,8 +298,13 @@ def _ncnn_realesrgan(name: str, models_dir: Path) -> Path:
     from atelier import ncnn_realesrgan
 
     target = models_dir / "realesrgan-ncnn" / name
+    if target.exists():
+        return target
 
     def build(tmp: Path) -> None:
+        from atelier import compat
+
+        compat.apply()
         ncnn_realesrgan.convert_to_pth(name, tmp / f"{name}.pth")
         (tmp / "arch.json").write_text(json.dumps(dict(ncnn_realesrgan.KNOWN_MODELS[name].arch_kwargs)))
 

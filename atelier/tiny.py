@@ -427,13 +427,18 @@ NEEDS = {"ip-adapter": "sd", "lora": "sd", "ip-adapter-sdxl": "sdxl", "lora-sdxl
 
 
 def ensure(name: str, models_dir: Path) -> Path:
-    """Build the named tiny model under ``models_dir/tiny/`` once; return its folder."""
+    """Build the named tiny model under ``models_dir/tiny/`` once; return its folder.
+
+    An existing model costs a stat: torch is imported only to build one (a fully reused run never needs it).
+    """
+    if name not in BUILDERS:
+        raise KeyError(f"unknown tiny model {name!r}; known: {', '.join(sorted(BUILDERS))}")
+    target = models_dir / "tiny" / name
+    if target.exists():
+        return target
     from atelier import compat
 
     compat.apply()
-    if name not in BUILDERS:
-        raise KeyError(f"unknown tiny model {name!r}; known: {', '.join(sorted(BUILDERS))}")
-    root = models_dir / "tiny"
     if name in NEEDS:
         ensure(NEEDS[name], models_dir)
-    return _atomic_dir(root / name, BUILDERS[name])
+    return _atomic_dir(target, BUILDERS[name])

@@ -13,6 +13,7 @@ from atelier.brief import Campaign, load_brief
 from flows.tasks import (BoardRefs, RunContext, draft_task, export_task, face_task, inpaint_task, moodboard_task,
                          refine_task, select_task, upscale_task)
 from flows.artifacts import publish_deliverable
+from atelier.registry import device_used
 from store import lineage, open_store
 
 
@@ -56,20 +57,15 @@ def campaign_flow(brief_path: str, home: str, run_id: str, profile: str | None =
                      stages=campaign.brief.stages, brief_root=str(campaign.root))
     store = open_store(Path(ctx.home), store_url)
     lineage.start_run(store, run_id, campaign.brief.campaign, str(campaign.path), campaign.sha256, profile,
-                      {"versions": _versions(), "device": _device()})
+                      {"versions": _versions()})
     try:
         board = moodboard_task(ctx, campaign)
         for d in campaign.brief.deliverables:
             deliverable_flow.with_options(flow_run_name=f"{campaign.brief.campaign}/{d.name}")(ctx, campaign, d.name, board)
     except BaseException as exc:
-        lineage.finish_run(store, run_id, error="".join(traceback.format_exception_only(type(exc), exc)).strip())
+        lineage.finish_run(store, run_id, error="".join(traceback.format_exception_only(type(exc), exc)).strip(),
+                           device=device_used())
         raise
-    lineage.finish_run(store, run_id)
+    lineage.finish_run(store, run_id, device=device_used())
     get_run_logger().info("run %s completed", run_id)
     return run_id
-
-
-def _device() -> str:
-    from atelier.registry import device
-
-    return device()

@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from atelier import metadata, progress
 from atelier.brief import Campaign, Deliverable, Stages, apply_overrides, fit_to_area
 from atelier.keys import asset_key, derive_seed
-from atelier.registry import Profile, device, identity
+from atelier.registry import Profile, device_used, identity
 from stages import draft as draft_stage
 from stages import moodboard as moodboard_stage
 from stages import postedit
@@ -122,7 +122,7 @@ class _Stage:
     def done(self, computed: int, reused: int) -> float:
         seconds = time.perf_counter() - self.t0
         lineage.record_stage(self.ctx.store, self.ctx.run_id, self.deliverable, self.stage, seconds, computed, reused,
-                             device())
+                             device_used())
         progress.current().end(self.label, f"{computed} computed, {reused} reused, {seconds:.1f}s")
         return seconds
 

@@ -3,21 +3,44 @@
 ``save()`` follows the crash-safe order: write every file to a temp path, insert the rows and commit
 in one short transaction, then move the files into place. A crash before the commit leaves only temp
 files (never referenced); a crash after it leaves rows whose files are still in ``assets/.tmp`` —
-``store.queries.existing`` treats such assets as missing, so the next run recomputes them.
+``store.queries.existing`` treats such assets as missing, so the next run recomputes them, and its
+``save()`` moves the committed bytes into place (so lineage keeps the bytes first recorded) or, if they
+are gone, points the row at the new file. ``atelier doctor`` finds and repairs what a crash leaves.
+
+Crash tests kill the process inside ``save()`` on purpose: ``ATELIER_FAULT=<point>`` with
+``ATELIER_FAULT_AFTER=N`` sends SIGKILL to this process at ``<point>`` of its N-th ``save()`` call (see
+``FAULT_POINTS``). Unset, it costs one dictionary lookup per point.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import signal
+import socket
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from store.db import Store
+from store.files import Staged
 from store.schema import Asset, Edge, Run, RunAsset, Score, StageRun
+
+FAULT_POINTS = (
+    "after-stage",  # files written to assets/.tmp, no row yet
+    "before-commit",  # rows inserted and flushed inside the open transaction, COMMIT not sent
+    "in-commit",  # a timer thread kills while this thread runs COMMIT (ATELIER_FAULT_DELAY_MS, default 0)
+    "after-commit",  # committed, no file moved into place
+    "mid-publish",  # the first file moved into place, the others still in assets/.tmp
+)
+_save_calls = itertools.count(1)
+_save_call = 0  # number of the current save() call in this process
 
 
 def utcnow() -> datetime:
@@ -58,32 +81,82 @@ def save(store: Store, run_id: str, assets: Sequence[NewAsset], scores: Sequence
 
     If another process stored the same key meanwhile, its row wins and ours is counted as reused.
     """
+    global _save_call
+    _save_call = next(_save_calls)
     staged = [store.files.stage(a.data, a.suffix) for a in assets]
+    _fault("after-stage")
+    publish, drop = [], []  # temp files to move into place / to delete after the commit
     try:
         with store.sessions.begin() as s:
             for a, st in zip(assets, staged):
-                if s.get(Asset, a.key) is None:
+                row = s.get(Asset, a.key)
+                if row is None:
                     s.add(Asset(key=a.key, stage=a.stage, kind=a.kind, campaign=a.campaign, deliverable=a.deliverable,
                                 path=st.rel_path, sha256=st.sha256, width=a.width, height=a.height,
-                                params=json.loads(json.dumps(a.params, default=str)), model=a.model,
-                                seconds=a.seconds, run_id=run_id, created_at=utcnow()))
+                                params=_jsonable(a.params), model=a.model, seconds=a.seconds, run_id=run_id,
+                                created_at=utcnow()))
                     s.flush()
                     for pos, (parent, role) in enumerate(a.parents):
                         s.merge(Edge(child=a.key, parent=parent, role=role, position=pos))
                     status = "computed"
+                    publish.append(st)
                 else:
-                    status = "reused"
+                    status = _resolve_existing(store, row, a, st, run_id, publish, drop)
                 if s.get(RunAsset, (run_id, a.key)) is None:
                     s.add(RunAsset(run_id=run_id, asset_key=a.key, status=status))
             for sc in scores:
                 s.merge(Score(**sc.__dict__))
+            s.flush()
+            _fault("before-commit")
+            _fault("in-commit")
+        _fault("after-commit")
     except BaseException:
         for st in staged:
             store.files.discard(st)
         raise
-    for st in staged:
+    for i, st in enumerate(publish):
         store.files.publish(st)
+        if i == 0:
+            _fault("mid-publish")
+    for st in drop:
+        store.files.discard(st)
     return [a.key for a in assets]
+
+
+def _resolve_existing(store: Store, row: Asset, a: NewAsset, st: Staged, run_id: str, publish: list[Staged],
+                      drop: list[Staged]) -> str:
+    """``a.key`` is stored already: decide which bytes the row keeps. Returns the run's status for it."""
+    if row.sha256 == st.sha256:
+        publish.append(st)  # same bytes: puts the file in place if it is missing, else drops ours
+        return "reused"
+    final = store.files.path(row.path)
+    committed = None if final.exists() else store.files.find_staged(row.sha256, final.suffix)
+    if committed is not None:
+        publish.append(committed)  # a save() committed these bytes, then died before moving them into place
+    if committed is not None or final.exists():  # (again: its owner may just have moved it into place)
+        drop.append(st)  # the recorded bytes win, e.g. over a non-deterministic recomputation
+        return "reused"
+    # The recorded bytes are gone: this computation replaces them.
+    row.path, row.sha256, row.width, row.height = st.rel_path, st.sha256, a.width, a.height
+    row.params, row.model, row.seconds, row.run_id, row.created_at = (_jsonable(a.params), a.model, a.seconds,
+                                                                      run_id, utcnow())
+    publish.append(st)
+    return "computed"
+
+
+def _jsonable(params: dict) -> dict:
+    return json.loads(json.dumps(params, default=str))
+
+
+def _fault(point: str) -> None:
+    """Crash-test hook: SIGKILL this process at ``point`` of save() call number ``ATELIER_FAULT_AFTER``."""
+    if os.environ.get("ATELIER_FAULT") != point or _save_call != int(os.environ.get("ATELIER_FAULT_AFTER", "1")):
+        return
+    if point == "in-commit":
+        delay = float(os.environ.get("ATELIER_FAULT_DELAY_MS", "0")) / 1000
+        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def mark_reused(store: Store, run_id: str, keys: Sequence[str]) -> None:
@@ -102,17 +175,30 @@ def mark_final(store: Store, run_id: str, key: str, export_path: str) -> None:
 
 def start_run(store: Store, run_id: str, campaign: str, brief_path: str, brief_sha256: str, profile: str,
               info: dict) -> None:
+    """Record a run as "running", with the process that runs it (``atelier doctor`` finds dead ones)."""
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "process_start": process_start(os.getpid()), **info}
     with store.sessions.begin() as s:
         s.add(Run(id=run_id, campaign=campaign, brief_path=brief_path, brief_sha256=brief_sha256, profile=profile,
                   status="running", started_at=utcnow(), info=info))
 
 
-def finish_run(store: Store, run_id: str, error: str | None = None) -> None:
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (Linux clock ticks since boot): with the pid, names one process for good."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])  # field 22; the name in (...) may contain spaces
+
+
+def finish_run(store: Store, run_id: str, error: str | None = None, device: str | None = None) -> None:
     with store.sessions.begin() as s:
         run = s.get(Run, run_id)
         run.status = "failed" if error else "completed"
         run.error = error
         run.finished_at = utcnow()
+        if device is not None:
+            run.info = {**(run.info or {}), "device": device}
 
 
 def record_stage(store: Store, run_id: str, deliverable: str | None, stage: str, seconds: float,

@@ -8,6 +8,8 @@ objects in this process. An unknown profile fails with the list of known names.
 ``source`` is one of:
 - ``tiny:<name>``: a random-weight test model built from a config (``atelier.tiny``), saved under the
   models folder and loaded back through the same ``from_pretrained`` / file code as a real checkpoint;
+- ``random:<arch>``: a full-size architecture (``sd15``, ``sdxl``, ``flux-schnell``) built in memory from its
+  published configs with seeded random weights (``atelier.fullsize``): GPU timing without a download;
 - a local path (a diffusers folder, a ``.pth`` / ``.safetensors`` file);
 - a Hugging Face id, read from the local HF cache only (no machine here reaches a hub).
 """
@@ -195,6 +197,43 @@ PROFILES.update({
     ),
 })
 
+# Timing profiles: the GPU profiles' architectures at full size with random weights (``atelier.fullsize``),
+# built in memory, so throughput can be measured on a lent GPU without any download (bench/gpu_drafts.py).
+# Images are noise. On CPU they are impractically slow. Drafts and refine use the full-size model; the
+# other roles are the tiny profile's models. The tiny IP-Adapter only fits the tiny UNet, so a full
+# ``atelier run`` with these profiles stops at refine: time refine without IP-Adapter (the bench does).
+_TINY = PROFILES["tiny"]
+_RANDOM_SD15 = ModelSpec("sd15-random", "diffusers", "random:sd15", family="sd")
+_RANDOM_SDXL = ModelSpec("sdxl-random", "diffusers", "random:sdxl", family="sdxl")
+_RANDOM_FLUX = ModelSpec("flux-schnell-random", "diffusers", "random:flux-schnell", family="flux")
+_BENCH_ROLES = dict(random_weights=True, ip_adapter=_TINY.ip_adapter, clip=_TINY.clip, face=_TINY.face,
+                    upscale=_TINY.upscale, upscale_tile=_TINY.upscale_tile, face_size=_TINY.face_size)
+
+PROFILES.update({
+    "bench-sd15-lcm": Profile(
+        name="bench-sd15-lcm",
+        description="timing: SD 1.5 architecture at full size, random weights, LCM 4 steps 512², batch 8 (GPU)",
+        draft_model=_RANDOM_SD15, refine_model=_RANDOM_SD15,
+        draft=StageSettings(steps=4, guidance=1.0, scheduler="lcm", pixels=512 * 512, batch_size=8),
+        refine=PROFILES["sd15-lcm"].refine, inpaint=PROFILES["sd15-lcm"].inpaint, **_BENCH_ROLES,
+    ),
+    "bench-sdxl-turbo": Profile(
+        name="bench-sdxl-turbo",
+        description="timing: SDXL architecture at full size, random weights, 1 step guidance 0 512², "
+                    "SDXL 30-step refine (GPU)",
+        draft_model=_RANDOM_SDXL, refine_model=_RANDOM_SDXL,
+        draft=StageSettings(steps=1, guidance=0.0, scheduler="euler-a", pixels=512 * 512, batch_size=8),
+        refine=_SDXL_REFINE, inpaint=_SDXL_INPAINT, **_BENCH_ROLES,
+    ),
+    "bench-flux-schnell": Profile(
+        name="bench-flux-schnell",
+        description="timing: FLUX.1-schnell architecture at full size, random weights, 4 steps 1024² (GPU, bf16)",
+        draft_model=_RANDOM_FLUX, refine_model=_RANDOM_FLUX,
+        draft=StageSettings(steps=4, guidance=0.0, scheduler="flow-euler", pixels=1024 * 1024, batch_size=4),
+        refine=PROFILES["flux-schnell"].refine, inpaint=PROFILES["flux-schnell"].inpaint, **_BENCH_ROLES,
+    ),
+})
+
 
 def get_profile(name: str) -> Profile:
     try:
@@ -257,6 +296,9 @@ def resolve(spec: ModelSpec | Lora, models_dir: Path) -> Path:
         return tiny.ensure(spec.source.removeprefix("tiny:"), models_dir)
     if spec.source.startswith("ncnn:"):
         return _ncnn_realesrgan(spec.source.removeprefix("ncnn:"), models_dir)
+    if spec.source.startswith("random:"):
+        raise ValueError(f"model {spec.name!r} ({spec.source}) is built in memory with random weights: "
+                         "it has no files; load it with load_text2image()")
     path = Path(spec.source).expanduser()
     if path.exists():
         return path
@@ -317,6 +359,13 @@ def available(spec: ModelSpec, models_dir: Path) -> tuple[bool, str]:
     """(is it on this machine, where it is or how to fetch it), without loading anything heavy."""
     if spec.source.startswith("tiny:"):
         return True, "built on first use (random weights)"
+    if spec.source.startswith("random:"):
+        from atelier import fullsize  # configs only: no torch import
+
+        arch = spec.source.removeprefix("random:")
+        if arch not in fullsize.ARCHITECTURES:
+            return False, f"unknown random architecture {arch!r}; known: {', '.join(fullsize.ARCHITECTURES)}"
+        return True, "built in memory, random weights (full size: meant for a GPU)"
     if spec.source.startswith("ncnn:"):
         try:
             from atelier import ncnn_realesrgan
@@ -379,15 +428,26 @@ _identity_cache: dict[tuple[ModelSpec, Path], dict] = {}
 
 
 def identity(spec: ModelSpec, models_dir: Path) -> dict:
-    """What lineage records about a model: name, source, kind and a hash of its weights."""
+    """What lineage records about a model: name, source, kind and a hash of its weights.
+
+    A ``random:`` model has no files (its GBs live in memory only): it is identified by a hash of its
+    configs, its seed and the builder's version instead.
+    """
     key = (spec, models_dir)
     if key not in _identity_cache:
-        path = resolve(spec, models_dir)
+        path = None if spec.source.startswith("random:") else resolve(spec, models_dir)
         cache = models_dir / "weights-sha256.json"
         models_dir.mkdir(parents=True, exist_ok=True)
+        if path is None:
+            from atelier import fullsize
+
+            arch = spec.source.removeprefix("random:")
+            weights = {"random_weights": True, "config_sha256": fullsize.config_sha256(arch), "seed": fullsize.SEED,
+                       "builder_version": fullsize.BUILDER_VERSION}
+        else:
+            weights = {"weights_sha256": weights_sha256(path, cache)}
         _identity_cache[key] = {
-            "name": spec.name, "kind": spec.kind, "source": spec.source, "arch": spec.arch,
-            "weights_sha256": weights_sha256(path, cache),
+            "name": spec.name, "kind": spec.kind, "source": spec.source, "arch": spec.arch, **weights,
             "loras": [{"name": lo.name, "source": lo.source, "scale": lo.scale,
                        "weights_sha256": weights_sha256(resolve(lo, models_dir), cache)} for lo in spec.loras],
         }
@@ -426,6 +486,14 @@ def load_text2image(spec: ModelSpec, models_dir: Path):
             import torch
 
             dtype = torch.bfloat16  # FLUX overflows to NaN (black images) in fp16 (diffusers issue #9096)
+        if spec.source.startswith("random:"):
+            from atelier import fullsize
+
+            arch = fullsize.get_architecture(spec.source.removeprefix("random:"))
+            if spec.family != arch.family:
+                raise ValueError(f"model {spec.name!r}: {spec.source} is family {arch.family!r}, not {spec.family!r}")
+            # built where it runs, in its dtype: no fp32 copy of the weights in host memory
+            return fullsize.build_pipeline(spec.source.removeprefix("random:"), dev, dtype)
         pipe = AutoPipelineForText2Image.from_pretrained(
             resolve(spec, models_dir), torch_dtype=dtype, local_files_only=True, **kwargs)
         if hasattr(pipe, "safety_checker"):

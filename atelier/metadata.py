@@ -37,6 +37,7 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 FORMAT = "atelier-lineage/1"
 XMP_NS = "https://atelier.invalid/ns/lineage/1.0/"  # .invalid: a name that never resolves, by RFC 2606
 GENERATIVE = ("draft", "refine", "inpaint")  # stages that sample from a prompt and a seed
+CARRIED = ("select", "face_restore", "upscale")  # their image is their source's, as is or edited: same generation
 DELIVERY_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 JPEG_XMP_LIMIT = 65504  # one APP1 segment holds 65533 bytes, less the 29-byte XMP namespace header
 
@@ -49,6 +50,7 @@ A1111_SAMPLERS = {
     "ddim": ("DDIM", None),
     "unipc": ("UniPC", None),
     "dpm++-2m-karras": ("DPM++ 2M", "Karras"),
+    "flow-euler": ("Euler", "Simple"),  # as Forge writes its FLUX infotexts
 }
 A1111_FACE_RESTORERS = {"gfpgan": "GFPGAN", "codeformer": "CodeFormer"}
 
@@ -126,13 +128,17 @@ def a1111_parameters(doc: dict) -> str | None:
     then one line of ``Key: value`` pairs in A1111's order. Face restoration is written as A1111 writes
     its own GFPGAN pass; the upscale as its Extras tab does (``Postprocess upscale to``,
     ``Postprocess upscaler``), not as ``Hires upscaler``, which would mean a second diffusion pass.
-    None for assets with no generation up their source chain (references, masks, the mood board).
+    None for assets that are no generation's image (references, masks, the mood board).
     """
     # 1. Walk source / init parents back to the nearest generation, collecting the post-edits on the way.
     records, post, key = _records(doc), [], doc["key"]
     while (gen := records.get(key)) is not None and gen.get("stage") not in GENERATIVE:
+        if gen.get("stage") not in CARRIED:  # a mask, a reference, the mood board: no generation of their own
+            return None
         post.append(gen)
         key = next((k for k, role in gen.get("parents", []) if role in ("source", "init")), None)
+        if len(post) > len(records):  # a cycle: only a corrupted (or forged) document has one
+            return None
     if gen is None:
         return None
     # 2. The fields, in A1111's order; None is not written.
@@ -153,6 +159,8 @@ def a1111_parameters(doc: dict) -> str | None:
         "Model hash": (pipe.get("weights_sha256") or "")[:10] or None,  # A1111's short hash: sha256[:10]
         "Model": pipe.get("name"),
         "Denoising strength": p.get("strength") if gen["stage"] != "draft" else None,
+        "Lora hashes": ", ".join(f"{lo['name']}: {(lo.get('weights_sha256') or '')[:12]}"
+                                 for lo in pipe.get("loras") or []) or None,  # A1111: sha256[:12] per LoRA
         "IP-Adapter": (model.get("ip_adapter") or {}).get("name"),
         "IP-Adapter scale": p.get("ip_adapter_scale") if model.get("ip_adapter") else None,
     }
@@ -294,14 +302,14 @@ def read_embedded(path: Path) -> Embedded | None:
     """The lineage document ``path`` carries: its own metadata first, else its sidecar; None if neither.
 
     ``path`` may also be a sidecar itself. A truncated document (a JPEG too small for the chain)
-    gives way to the sidecar when there is one.
+    gives way to the sidecar when there is one. Anything malformed counts as absent.
     """
     path = Path(path)
     found = _from_file(path)
     if found is not None and not found.doc.get("truncated"):
         return found
     side = sidecar_path(path)
-    if side.is_file() and (doc := _load_doc(side.read_text(encoding="utf-8"))) is not None:
+    if side.is_file() and (doc := _load_doc(_read_text(side))) is not None:
         return Embedded(doc, f"sidecar {side.name}")
     return found
 
@@ -316,14 +324,20 @@ def _from_file(path: Path) -> Embedded | None:
                 return Embedded(doc, "PNG text chunk")
             xmp = im.info.get("xmp") or im.info.get("XML:com.adobe.xmp")
     except UnidentifiedImageError:  # not an image: maybe a sidecar given directly
-        try:
-            doc = _load_doc(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, OSError):
-            return None
+        doc = _load_doc(_read_text(path))
         return Embedded(doc, f"sidecar {path.name}") if doc is not None else None
+    except OSError:  # a damaged image
+        return None
     if xmp and (doc := _doc_from_xmp(xmp)) is not None:
         return Embedded(doc, "XMP")
     return None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def _doc_from_xmp(xmp: bytes | str) -> dict | None:
@@ -342,8 +356,27 @@ def _load_doc(text: str) -> dict | None:
         doc = json.loads(text)
     except ValueError:
         return None
-    # Documents written before FORMAT existed hold key, stage and parents only: still a start.
-    return doc if isinstance(doc, dict) and isinstance(doc.get("key"), str) and "stage" in doc else None
+    return doc if _well_formed(doc) else None
+
+
+def _well_formed(doc) -> bool:
+    """What readers rely on: a key, and per record a stage, [key, role] parents, dict params and model.
+
+    Documents written before ``FORMAT`` existed (key, stage and parents only) pass: still a start.
+    """
+    if not isinstance(doc, dict) or not isinstance(doc.get("key"), str):
+        return False
+    ancestors = doc.get("ancestors", {})
+    if not isinstance(ancestors, dict):
+        return False
+    for r in (doc, *ancestors.values()):
+        if not (isinstance(r, dict) and isinstance(r.get("stage"), str) and isinstance(r.get("params", {}), dict)
+                and isinstance(r.get("model"), (dict, type(None))) and isinstance(r.get("parents", []), list)):
+            return False
+        pairs = r.get("parents", [])
+        if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
+            return False
+    return True
 
 
 def lineage_tree(doc: dict, max_depth: int = 32) -> dict:

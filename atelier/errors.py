@@ -13,3 +13,11 @@ class BriefError(Exception):
 
 class UsageError(Exception):
     """Bad command-line input that is not about a brief (unknown run id, missing file...)."""
+
+
+class StoreError(UsageError):
+    """A lineage store or asset location that cannot be opened; ``option`` is the one that named it."""
+
+    def __init__(self, option: str, message: str) -> None:
+        self.option, self.message = option, message
+        super().__init__(f"{option}: {message}")

@@ -49,13 +49,14 @@ def deliverable_flow(ctx: RunContext, campaign: Campaign, name: str, board: Boar
 
 @flow(name="campaign", log_prints=False, validate_parameters=False)
 def campaign_flow(brief_path: str, home: str, run_id: str, profile: str | None = None,
-                  store_url: str | None = None) -> str:
-    """Run a brief end to end; returns the run id. Lineage goes to the store under ``home``."""
+                  store_url: str | None = None, assets_url: str | None = None) -> str:
+    """Run a brief end to end; returns the run id. Lineage goes to the store under ``home`` (or ``store_url``),
+    asset files to ``<home>/assets`` (or the fsspec URL ``assets_url``)."""
     campaign: Campaign = load_brief(brief_path)
     profile = profile or campaign.brief.profile
     ctx = RunContext(run_id=run_id, home=str(Path(home).resolve()), store_url=store_url, profile=profile,
-                     stages=campaign.brief.stages, brief_root=str(campaign.root))
-    store = open_store(Path(ctx.home), store_url)
+                     stages=campaign.brief.stages, brief_root=str(campaign.root), assets_url=assets_url)
+    store = open_store(Path(ctx.home), store_url, assets_url)
     lineage.start_run(store, run_id, campaign.brief.campaign, str(campaign.path), campaign.sha256, profile,
                       {"versions": _versions()})
     try:

@@ -44,10 +44,11 @@ class RunContext:
     profile: str
     stages: Stages = Stages()  # the brief's per-stage overrides of the profile
     brief_root: str = "."
+    assets_url: str | None = None  # fsspec URL of the asset files; None: $ATELIER_ASSETS, else <home>/assets
 
     @property
     def store(self) -> Store:
-        return open_store(Path(self.home), self.store_url)
+        return open_store(Path(self.home), self.store_url, self.assets_url)
 
     @property
     def models_dir(self) -> Path:
@@ -74,13 +75,13 @@ class BoardRefs:
 
 def _refs(store: Store, keys: list[str]) -> list[Ref]:
     with store.sessions() as s:
-        found = queries.existing(s, store.home, keys)
+        found = queries.existing(s, store.files, keys)
     return [Ref(k, str(store.files.path(found[k].path))) for k in keys]
 
 
 def _missing(store: Store, keys: list[str]) -> set[str]:
     with store.sessions() as s:
-        return set(keys) - set(queries.existing(s, store.home, keys))
+        return set(keys) - set(queries.existing(s, store.files, keys))
 
 
 def _image_asset(key: str, stage: str, campaign: str, deliverable: str | None, image: Image.Image, params: dict,

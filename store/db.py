@@ -1,19 +1,31 @@
-"""Opening a store: engine + session factory + asset folder for one atelier home."""
+"""Opening a store: engine + session factory + asset files for one atelier home.
+
+The schema is created and upgraded by Alembic (``store/migrations``, shipped inside the package):
+``open_store`` runs ``alembic upgrade head`` when the database is not at the head revision, inside one
+write transaction (SQLite ``BEGIN IMMEDIATE``; PostgreSQL a transaction-level advisory lock), so several
+processes opening a fresh store at once create the tables once.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, inspect, make_url, text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from store.files import AssetFiles
-from store.schema import Base
+from store.files import AssetFiles, FsspecFiles, open_files
 
 WRITE = "atelier_write"  # connection execution option: this transaction writes (SQLite: BEGIN IMMEDIATE)
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+BASELINE = "0001"  # the schema stores had before migrations existed (made by create_all)
+_PG_MIGRATE_LOCK = 0x6174656C  # pg_advisory_xact_lock key ("atel") held while migrating
 
-_stores: dict[tuple[str, str], "Store"] = {}
+_stores: dict[tuple[str, str, str], "Store"] = {}
 
 
 class _Session(Session):
@@ -38,23 +50,60 @@ class Store:
     url: str
     home: Path
     sessions: sessionmaker[Session]
-    files: AssetFiles
+    files: AssetFiles | FsspecFiles
+
+    @property
+    def dialect(self) -> str:
+        return self.sessions.kw["bind"].dialect.name
 
 
 def default_url(home: Path) -> str:
     return f"sqlite:///{home / 'lineage.db'}"
 
 
-def open_store(home: Path, url: str | None = None) -> Store:
-    """The store for ``home`` (created on first use), cached per process."""
+def open_store(home: Path, url: str | None = None, assets: str | None = None) -> Store:
+    """The store for ``home`` (created on first use, migrated to the current schema), cached per process.
+
+    ``url``: SQLAlchemy URL of the lineage database (default SQLite ``<home>/lineage.db``). ``assets``: fsspec
+    URL of the asset files; without it, ``$ATELIER_ASSETS``, else the assets this process already opened this
+    store with (a flow given ``assets_url`` opens it first, so helpers that only know home and URL find the
+    same files), else ``<home>/assets``. A database that cannot be reached or an unknown asset protocol
+    raises ``StoreError`` before anything is written.
+    """
     home = Path(home).resolve()
     url = url or default_url(home)
-    cache_key = (str(home), url)
+    assets = assets or os.environ.get("ATELIER_ASSETS") or None
+    if assets is None:
+        assets = next((key[2] for key in _stores if key[:2] == (str(home), url)), None)
+    cache_key = (str(home), url, assets or "")
     if cache_key in _stores:
         return _stores[cache_key]
-    home.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url)
-    if url.startswith("sqlite"):
+    files = open_files(home, assets)
+    engine = _engine(url, home)
+    _check_connects(engine, url)
+    migrate(engine)
+    home.mkdir(parents=True, exist_ok=True)  # models, outputs, asset cache
+    sessions = sessionmaker(engine, class_=_Session, expire_on_commit=False)
+    store = Store(url=url, home=home, sessions=sessions, files=files)
+    _stores[cache_key] = store
+    return store
+
+
+def _engine(url: str, home: Path) -> Engine:
+    from atelier.errors import StoreError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StoreError("--store", f"not a SQLAlchemy URL: {url!r}") from None
+    try:
+        engine = create_engine(parsed, pool_pre_ping=parsed.get_backend_name() != "sqlite")
+    except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+        raise StoreError("--store", f"{parsed.render_as_string(hide_password=True)}: {exc}") from None
+    if engine.dialect.name == "sqlite":
+        if url == default_url(home):
+            home.mkdir(parents=True, exist_ok=True)
+
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):  # noqa: ANN001
             dbapi_conn.isolation_level = None  # pysqlite's implicit BEGIN off: _begin below emits it
@@ -69,10 +118,56 @@ def open_store(home: Path, url: str | None = None) -> Store:
         @event.listens_for(engine, "begin")
         def _begin(conn):  # noqa: ANN001
             conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE) else "BEGIN")
-    # One write transaction, so processes opening a fresh home at once do not both try CREATE TABLE.
+    return engine
+
+
+def _check_connects(engine: Engine, url: str) -> None:
+    from atelier.errors import StoreError
+
+    try:
+        with engine.connect():
+            pass
+    except OperationalError as exc:
+        shown = make_url(url).render_as_string(hide_password=True)
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        raise StoreError("--store", f"cannot connect to {shown}: {reason}") from None
+
+
+# --------------------------------------------------------------------------------------------- migrations
+def alembic_config(connection: Connection | None = None):
+    """Alembic's configuration for the packaged migrations (no alembic.ini); ``connection`` goes to env.py."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+@cache
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current_revision(conn: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def migrate(engine: Engine) -> None:
+    """``alembic upgrade head``, once, under the store's write lock; a store already at head costs one read."""
+    from alembic import command
+
+    with engine.connect() as conn:
+        if current_revision(conn) == head_revision():
+            return
     with engine.connect() as conn, conn.execution_options(**{WRITE: True}).begin():
-        Base.metadata.create_all(conn)
-    sessions = sessionmaker(engine, class_=_Session, expire_on_commit=False)
-    store = Store(url=url, home=home, sessions=sessions, files=AssetFiles(home))
-    _stores[cache_key] = store
-    return store
+        if conn.dialect.name == "postgresql":  # held until this transaction ends; others wait, then see head
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATE_LOCK})
+        cfg = alembic_config(conn)
+        if current_revision(conn) is None and inspect(conn).has_table("assets"):
+            command.stamp(cfg, BASELINE)  # a store made by create_all before migrations: it is the baseline
+        command.upgrade(cfg, "head")

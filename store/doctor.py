@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session
 
 from store.db import Store, default_url
-from store.files import Staged, file_sha256
+from store.files import Staged
 from store.lineage import process_start, utcnow
 from store.schema import Asset, Edge, Run, RunAsset, Score, StageRun
 
@@ -60,6 +59,7 @@ class Problem:
 class Report:
     home: str
     store: str
+    assets: str = ""  # where the asset files are: <home>/assets or an fsspec URL
     problems: list[Problem] = field(default_factory=list)
     notes: list[Problem] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
@@ -72,7 +72,8 @@ class Report:
         return {p.kind for p in self.problems}
 
     def to_dict(self) -> dict:
-        return {"home": self.home, "store": self.store, "healthy": self.healthy, "counts": self.counts,
+        return {"home": self.home, "store": self.store, "assets": self.assets, "healthy": self.healthy,
+                "counts": self.counts,
                 "problems": problem_dicts(self.problems), "notes": problem_dicts(self.notes)}
 
 
@@ -83,11 +84,11 @@ def problem_dicts(problems: list[Problem]) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ check
 def check(store: Store, stale_after: float = STALE_AFTER) -> Report:
     """Check ``store``'s home without changing anything. ``stale_after``: age (s) of an abandoned temp file."""
-    report = Report(home=str(store.home), store=store.url)
+    report = Report(home=str(store.home), store=_shown(store.url), assets=store.files.location)
     # 1. Files first, rows second: a file is moved into place only after its row committed, so every file
     #    listed here has its row visible below (no false "stray" while runs are going on).
-    files = _asset_files(store.home)
-    temps = _temp_files(store.files.tmp_dir)
+    files = store.files.list_files()
+    temps = store.files.temp_files()
     with store.sessions() as s:
         assets = {a.key: (a.path, a.sha256, a.run_id) for a in s.scalars(select(Asset))}
         runs = {r.id: r for r in s.scalars(select(Run))}
@@ -102,28 +103,27 @@ def check(store: Store, stale_after: float = STALE_AFTER) -> Report:
     claimed: set[Path] = set()
     digests: dict[str, str] = {}
     for key, (rel, sha, run_id) in sorted(assets.items()):
-        path = store.home / rel
-        if path.exists():
+        if store.files.exists(rel):
             if rel not in digests:  # rows may share a file (a draft and its selection)
-                digests[rel] = file_sha256(path)
+                digests[rel] = store.files.sha256(rel)
             if (digest := digests[rel]) != sha:
                 report.problems.append(Problem(
                     "bad-hash", key, f"{rel}: sha256 {digest[:12]}…, row says {sha[:12]}…",
                     "quarantine the file; delete the row and what was computed from it", (key, rel)))
             continue
-        staged = store.files.find_staged(sha, path.suffix)  # looked up now: it may be newer than `temps`
-        age = _age(staged.tmp) if staged is not None else None
+        staged = store.files.find_staged(sha, Path(rel).suffix)  # looked up now: it may be newer than `temps`
+        age = store.files.age(staged.tmp) if staged is not None else None
         if age is not None:
             tmp = staged.tmp
             claimed.add(tmp)
-            rel_tmp = str(tmp.relative_to(store.home))
+            rel_tmp = store.files.describe(tmp)
             if run_id in alive and age < stale_after:
                 report.notes.append(Problem("in-flight", key, f"committed by live run {run_id}, moving into place",
                                             None))
             else:
                 report.problems.append(Problem("unpublished", key, f"{rel}: committed bytes still in {rel_tmp}",
-                                               "move them into place", (key, rel, sha, str(tmp))))
-        elif not path.exists():  # (again: it may have arrived meanwhile)
+                                               "move them into place", (key, rel, sha, tmp)))
+        elif not store.files.exists(rel):  # (again: it may have arrived meanwhile)
             report.problems.append(Problem("missing-file", key, f"{rel} is missing",
                                            "delete the row and what was computed from it", (key, rel)))
     # 4. Every file has a row; temp files belong to a save() in flight, else they are debris.
@@ -134,10 +134,10 @@ def check(store: Store, stale_after: float = STALE_AFTER) -> Report:
     for tmp, age in sorted(temps.items()):
         if tmp in claimed:
             continue
-        rel = str(tmp.relative_to(store.home))
+        rel = store.files.describe(tmp)
         if age >= stale_after:
             report.problems.append(Problem("stale-temp", rel, f"temp file abandoned {age:.0f}s ago", "delete",
-                                           (str(tmp),)))
+                                           (tmp,)))
         else:
             report.notes.append(Problem("in-flight", rel, f"temp file written {age:.0f}s ago", None))
     # 5. Runs still "running": is their process alive?
@@ -147,33 +147,18 @@ def check(store: Store, stale_after: float = STALE_AFTER) -> Report:
     return report
 
 
+def _shown(url: str) -> str:
+    """The store URL without its password."""
+    from sqlalchemy import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def unreadable(home: Path, url: str | None, error: Exception) -> Report:
     """The report on a store that cannot even be opened (``error``: what opening it raised)."""
     detail = str(getattr(error, "orig", None) or error)
     return Report(home=str(home), store=url or default_url(home),
                   problems=[Problem("sqlite-integrity", "lineage.db", f"cannot be read: {detail}", None)])
-
-
-def _asset_files(home: Path) -> set[str]:
-    """Files under ``assets/`` (paths relative to the home), leaving out ``assets/.tmp``."""
-    root = home / "assets"
-    if not root.is_dir():
-        return set()
-    return {str(p.relative_to(home)) for p in root.rglob("*")
-            if p.is_file() and p.relative_to(root).parts[0] != ".tmp"}
-
-
-def _temp_files(tmp_dir: Path) -> dict[Path, float]:
-    """Temp files and their age in seconds."""
-    out = {p: _age(p) for p in (tmp_dir.glob("*") if tmp_dir.is_dir() else ())}
-    return {p: age for p, age in out.items() if age is not None}
-
-
-def _age(path: Path) -> float | None:
-    try:
-        return max(0.0, time.time() - path.stat().st_mtime)
-    except FileNotFoundError:  # moved into place or deleted meanwhile
-        return None
 
 
 def _check_sqlite(s: Session, report: Report) -> None:
@@ -264,13 +249,13 @@ def repair(store: Store, report: Report) -> list[str]:
     # 2. Committed bytes left in assets/.tmp: move them into place (finishing the interrupted save()).
     for p in by_kind.get("unpublished", []):
         key, rel, sha, tmp = p.ref
-        if Path(tmp).exists() and not (store.home / rel).exists():
-            store.files.publish(Staged(Path(tmp), sha, rel))
+        if store.files.temp_exists(tmp) and not store.files.exists(rel):
+            store.files.publish(Staged(tmp, sha, rel))
             done.append(f"asset {key}: moved {Path(tmp).name} into place")
     # 3. Rows whose bytes are lost or corrupt, and rows pointing nowhere: delete them and their descendants.
-    doomed = {p.ref[0] for p in by_kind.get("missing-file", []) if not (store.home / p.ref[1]).exists()}
+    doomed = {p.ref[0] for p in by_kind.get("missing-file", []) if not store.files.exists(p.ref[1])}
     corrupt = {p.ref[1] for p in by_kind.get("bad-hash", [])
-               if (store.home / p.ref[1]).exists() and file_sha256(store.home / p.ref[1]) != _sha_of(store, p.ref[0])}
+               if store.files.exists(p.ref[1]) and store.files.sha256(p.ref[1]) != _sha_of(store, p.ref[0])}
     doomed |= {p.ref[0] for p in by_kind.get("bad-hash", []) if p.ref[1] in corrupt}
     doomed |= {p.ref[0] for p in by_kind.get("asset-without-run", [])}
     decisions = {p.ref[0] for p in by_kind.get("dangling-score", [])}
@@ -295,19 +280,19 @@ def repair(store: Store, report: Report) -> list[str]:
         with store.sessions() as s:
             kept = set(s.scalars(select(Asset.path).where(Asset.path.in_(paths))))
         for rel in sorted((paths | corrupt) - kept):
-            if (store.home / rel).exists():
-                done.append(f"{rel}: moved to {_quarantine(store.home, rel)}")
+            if store.files.exists(rel):
+                done.append(f"{rel}: moved to {store.files.quarantine(rel)}")
     # 4. Files no row points at: quarantine. 5. Abandoned temp files: delete.
     for p in by_kind.get("stray-file", []):
         rel = p.ref[0]
         with store.sessions() as s:
             claimed = s.scalar(select(Asset.key).where(Asset.path == rel).limit(1))
-        if claimed is None and (store.home / rel).exists():
-            done.append(f"{rel}: moved to {_quarantine(store.home, rel)}")
+        if claimed is None and store.files.exists(rel):
+            done.append(f"{rel}: moved to {store.files.quarantine(rel)}")
     for p in by_kind.get("stale-temp", []):
-        tmp = Path(p.ref[0])
-        if tmp.exists():
-            tmp.unlink(missing_ok=True)
+        tmp = p.ref[0]
+        if store.files.temp_exists(tmp):
+            store.files.discard(Staged(tmp, "", ""))
             done.append(f"{p.subject}: deleted")
     return done
 
@@ -344,15 +329,3 @@ def _selected_by(s: Session, decisions: set[str]) -> set[str]:
         return set()
     return {a.key for a in s.scalars(select(Asset).where(Asset.stage == "select"))
             if (a.params or {}).get("decision") in decisions}
-
-
-def _quarantine(home: Path, rel: str) -> str:
-    """Move ``home/rel`` to ``home/quarantine/rel`` (``.1``, ``.2``... if taken); returns where it went."""
-    target = home / "quarantine" / rel
-    n = 0
-    while target.exists():
-        n += 1
-        target = home / "quarantine" / f"{rel}.{n}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(home / rel, target)
-    return str(target.relative_to(home))

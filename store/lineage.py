@@ -79,7 +79,11 @@ class NewScore:
 def save(store: Store, run_id: str, assets: Sequence[NewAsset], scores: Sequence[NewScore] = ()) -> list[str]:
     """Persist new assets (files + rows + edges + run membership) and selection scores. Idempotent.
 
-    If another process stored the same key meanwhile, its row wins and ours is counted as reused.
+    If another process stored the same key meanwhile, its row wins and ours is counted as reused. Rows go
+    in with ``INSERT ... ON CONFLICT DO NOTHING``: on SQLite the write transaction holds the lock anyway
+    (``BEGIN IMMEDIATE``); on PostgreSQL, where writers run side by side, the second insert of a key waits
+    for the first to commit and then does nothing. Keys are inserted in sorted order, so two writers of
+    overlapping batches take their row locks in the same order and cannot deadlock.
     """
     global _save_call
     _save_call = next(_save_calls)
@@ -88,24 +92,22 @@ def save(store: Store, run_id: str, assets: Sequence[NewAsset], scores: Sequence
     publish, drop = [], []  # temp files to move into place / to delete after the commit
     try:
         with store.sessions.begin() as s:
-            for a, st in zip(assets, staged):
-                row = s.get(Asset, a.key)
-                if row is None:
-                    s.add(Asset(key=a.key, stage=a.stage, kind=a.kind, campaign=a.campaign, deliverable=a.deliverable,
-                                path=st.rel_path, sha256=st.sha256, width=a.width, height=a.height,
-                                params=_jsonable(a.params), model=a.model, seconds=a.seconds, run_id=run_id,
-                                created_at=utcnow()))
-                    s.flush()
+            for a, st in sorted(zip(assets, staged), key=lambda pair: pair[0].key):
+                if _insert_new(s, Asset, dict(
+                        key=a.key, stage=a.stage, kind=a.kind, campaign=a.campaign, deliverable=a.deliverable,
+                        path=st.rel_path, sha256=st.sha256, width=a.width, height=a.height,
+                        params=_jsonable(a.params), model=a.model, seconds=a.seconds, run_id=run_id,
+                        created_at=utcnow())):
                     for pos, (parent, role) in enumerate(a.parents):
-                        s.merge(Edge(child=a.key, parent=parent, role=role, position=pos))
+                        _insert_new(s, Edge, dict(child=a.key, parent=parent, role=role, position=pos))
                     status = "computed"
                     publish.append(st)
-                else:
+                else:  # stored already: lock the row while deciding whose bytes it keeps
+                    row = s.get(Asset, a.key, with_for_update=True, populate_existing=True)
                     status = _resolve_existing(store, row, a, st, run_id, publish, drop)
-                if s.get(RunAsset, (run_id, a.key)) is None:
-                    s.add(RunAsset(run_id=run_id, asset_key=a.key, status=status))
+                _insert_new(s, RunAsset, dict(run_id=run_id, asset_key=a.key, status=status, final=False))
             for sc in scores:
-                s.merge(Score(**sc.__dict__))
+                _upsert(s, Score, sc.__dict__, ("decision", "draft_key"))
             s.flush()
             _fault("before-commit")
             _fault("in-commit")
@@ -123,17 +125,43 @@ def save(store: Store, run_id: str, assets: Sequence[NewAsset], scores: Sequence
     return [a.key for a in assets]
 
 
+def _insert(s: Session):
+    """The dialect's ``insert`` with ``on_conflict_*`` (SQLite and PostgreSQL both have them)."""
+    name = s.get_bind().dialect.name
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise NotImplementedError(f"atelier stores lineage in SQLite or PostgreSQL, not {name}")
+    return insert
+
+
+def _insert_new(s: Session, model: type, values: dict) -> bool:
+    """``INSERT ... ON CONFLICT DO NOTHING``; True when this call inserted the row."""
+    pk = [c for c in model.__table__.primary_key.columns]
+    stmt = _insert(s)(model).values(**values).on_conflict_do_nothing(index_elements=pk).returning(*pk)
+    return s.execute(stmt).first() is not None
+
+
+def _upsert(s: Session, model: type, values: dict, key: tuple[str, ...]) -> None:
+    """``INSERT ... ON CONFLICT (key) DO UPDATE``: the last writer's values win, as with ``Session.merge``."""
+    stmt = _insert(s)(model).values(**values)
+    s.execute(stmt.on_conflict_do_update(index_elements=list(key),
+                                         set_={k: stmt.excluded[k] for k in values if k not in key}))
+
+
 def _resolve_existing(store: Store, row: Asset, a: NewAsset, st: Staged, run_id: str, publish: list[Staged],
                       drop: list[Staged]) -> str:
     """``a.key`` is stored already: decide which bytes the row keeps. Returns the run's status for it."""
     if row.sha256 == st.sha256:
         publish.append(st)  # same bytes: puts the file in place if it is missing, else drops ours
         return "reused"
-    final = store.files.path(row.path)
-    committed = None if final.exists() else store.files.find_staged(row.sha256, final.suffix)
+    in_place = store.files.exists(row.path)
+    committed = None if in_place else store.files.find_staged(row.sha256, Path(row.path).suffix)
     if committed is not None:
         publish.append(committed)  # a save() committed these bytes, then died before moving them into place
-    if committed is not None or final.exists():  # (again: its owner may just have moved it into place)
+    if committed is not None or store.files.exists(row.path):  # (again: its owner may just have moved it)
         drop.append(st)  # the recorded bytes win, e.g. over a non-deterministic recomputation
         return "reused"
     # The recorded bytes are gone: this computation replaces them.
@@ -161,9 +189,8 @@ def _fault(point: str) -> None:
 
 def mark_reused(store: Store, run_id: str, keys: Sequence[str]) -> None:
     with store.sessions.begin() as s:
-        for k in keys:
-            if s.get(RunAsset, (run_id, k)) is None:
-                s.add(RunAsset(run_id=run_id, asset_key=k, status="reused"))
+        for k in sorted(keys):
+            _insert_new(s, RunAsset, dict(run_id=run_id, asset_key=k, status="reused", final=False))
 
 
 def mark_final(store: Store, run_id: str, key: str, export_path: str) -> None:

@@ -10,18 +10,20 @@ from typing import Iterable
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from store.files import AssetFiles, FsspecFiles
 from store.schema import Asset, Edge, Run, RunAsset, Score, StageRun
 
 STAGE_ORDER = ["reference", "moodboard", "draft", "select", "refine", "mask", "inpaint", "face_restore", "upscale"]
 
 
-def existing(session: Session, home: Path, keys: Iterable[str]) -> dict[str, Asset]:
-    """Assets among ``keys`` that are stored *and* whose file is in place (reusable)."""
+def existing(session: Session, files: AssetFiles | FsspecFiles, keys: Iterable[str]) -> dict[str, Asset]:
+    """Assets among ``keys`` that are stored *and* whose file is in place (reusable). ``files``: the store's
+    asset files (``store.files``), local or remote."""
     keys = list(keys)
     if not keys:
         return {}
     rows = session.scalars(select(Asset).where(Asset.key.in_(keys)))
-    return {a.key: a for a in rows if (home / a.path).exists()}
+    return {a.key: a for a in rows if files.exists(a.path)}
 
 
 def latest_run(session: Session) -> Run | None:

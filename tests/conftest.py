@@ -74,3 +74,6 @@ def astronaut_path(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("photos") / "astronaut.png"
     Image.fromarray(data.astronaut()).save(p)
     return p
+
+
+from tests.postgres import postgres_server, postgres_url  # noqa: E402,F401  (a real PostgreSQL server)

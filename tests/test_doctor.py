@@ -1,4 +1,6 @@
-"""`atelier doctor`: every kind of damage is found, repaired to a healthy home, and the CLI says so."""
+"""`atelier doctor`: every kind of damage is found, repaired to a healthy home, and the CLI says so.
+
+The tests taking ``store`` run on SQLite and on a real PostgreSQL server (tests/postgres.py)."""
 
 from __future__ import annotations
 
@@ -27,11 +29,21 @@ def _asset(key: str, data: bytes, stage: str, parents=(), params=None, suffix: s
                     params=params or {}, parents=tuple(parents))
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    return _lineage(tmp_path / "home", url)
+
+
 @pytest.fixture
-def store(tmp_path):
+def sqlite_store(tmp_path):
+    return _lineage(tmp_path / "home")
+
+
+def _lineage(home: Path, url: str | None = None):
     """A small, healthy lineage: reference r1; drafts d1, d2 scored by decision "dec" (d1 kept as s1, same
     bytes); f1 refined from s1 with r1 as style reference; u1 an unrelated draft."""
-    st = open_store(tmp_path / "home")
+    st = open_store(home, url)
     lineage.start_run(st, "run1", "c", "brief.yaml", "0" * 64, "tiny", {})
     save(st, "run1", [_asset("r1", b"reference", "reference", suffix=".jpg")])
     save(st, "run1", [_asset("d1", b"draft one", "draft"), _asset("d2", b"draft two", "draft")])
@@ -41,6 +53,11 @@ def store(tmp_path):
     save(st, "run1", [_asset("u1", b"unrelated", "draft")])
     lineage.finish_run(st, "run1")
     return st
+
+
+def _where(st) -> list[str]:
+    """The CLI options that name ``st``."""
+    return ["--home", str(st.home)] + ([] if st.dialect == "sqlite" else ["--store", st.url])
 
 
 def _path(st, key: str) -> Path:
@@ -71,7 +88,7 @@ def test_a_healthy_home_is_healthy(store) -> None:
     assert report.healthy and report.problems == [] and report.notes == []
     assert report.counts == {"assets": 6, "files": 5, "temp_files": 0, "runs": 1, "edges": 3, "scores": 2}
     assert repair(store, report) == []
-    res = CliRunner().invoke(app, ["doctor", "--home", str(store.home)])
+    res = CliRunner().invoke(app, ["doctor", *_where(store)])
     assert res.exit_code == 0 and "healthy" in res.output and "6 assets, 5 files" in res.output
 
 
@@ -86,7 +103,7 @@ def test_a_missing_file_takes_its_row_and_everything_computed_from_it(store) -> 
     with store.sessions() as s:
         assert s.scalars(select(Score)).all() == [] and s.scalars(select(Edge)).all() == []
         assert {ra.asset_key for ra in s.scalars(select(RunAsset))} == {"r1", "d1", "u1"}
-        assert queries.existing(s, store.home, KEYS).keys() == {"r1", "d1", "u1"}  # the rest gets recomputed
+        assert queries.existing(s, store.files, KEYS).keys() == {"r1", "d1", "u1"}  # the rest gets recomputed
     # d1's file stays (d1 still points at it); f1's file went to quarantine, not to the bin.
     assert _path(store, "d1").exists() and not f1_file.exists()
     assert (store.home / "quarantine" / f1_file.relative_to(store.home)).read_bytes() == b"refined"
@@ -168,10 +185,15 @@ def test_runs_whose_process_is_gone_are_found(store) -> None:
 
 def test_rows_pointing_nowhere_are_deleted_with_what_depends_on_them(store) -> None:
     # Delete d1 behind SQLAlchemy's back with foreign keys off, as an older or foreign writer might.
-    db = sqlite3.connect(store.home / "lineage.db")
-    db.execute("DELETE FROM assets WHERE key = 'd1'")
-    db.commit()
-    db.close()
+    if store.dialect == "sqlite":
+        db = sqlite3.connect(store.home / "lineage.db")
+        db.execute("DELETE FROM assets WHERE key = 'd1'")
+        db.commit()
+        db.close()
+    else:
+        with store.sessions.kw["bind"].begin() as conn:  # replica role: foreign-key triggers do not fire
+            conn.exec_driver_sql("SET LOCAL session_replication_role = replica")
+            conn.exec_driver_sql("DELETE FROM assets WHERE key = 'd1'")
     report = check(store)
     assert report.kinds() == {"dangling-edge", "dangling-run-asset", "dangling-score"}
     assert not any(p.kind == "foreign-key" for p in report.problems)  # not reported twice
@@ -181,7 +203,8 @@ def test_rows_pointing_nowhere_are_deleted_with_what_depends_on_them(store) -> N
     assert check(store).healthy
 
 
-def test_sqlite_corruption_is_reported_not_repaired(store) -> None:
+def test_sqlite_corruption_is_reported_not_repaired(sqlite_store) -> None:
+    store = sqlite_store
     # Re-declare an index over another column: its entries no longer match the table. Only SQLite's own
     # integrity_check can tell.
     db = sqlite3.connect(store.home / "lineage.db")
@@ -213,18 +236,18 @@ def test_cli_exit_codes_and_json(store, tmp_path) -> None:
     stray.parent.mkdir(parents=True)
     stray.write_bytes(b"x")
     _set_run_info(store, "run1", pid=_dead_pid())
-    res = runner.invoke(app, ["doctor", "--home", str(store.home)], env={"COLUMNS": "200"})
+    res = runner.invoke(app, ["doctor", *_where(store)], env={"COLUMNS": "200"})
     assert res.exit_code == 1 and "stray-file" in res.output and "dead-run" in res.output
     assert "2 problem(s); 2 fixable with --repair" in res.output
-    res = runner.invoke(app, ["doctor", "--home", str(store.home), "--json"])
+    res = runner.invoke(app, ["doctor", *_where(store), "--json"])
     data = json.loads(res.output)
     assert res.exit_code == 1 and not data["healthy"] and {p["kind"] for p in data["problems"]} == {"stray-file",
                                                                                                      "dead-run"}
-    res = runner.invoke(app, ["doctor", "--home", str(store.home), "--repair", "--json"])
+    res = runner.invoke(app, ["doctor", *_where(store), "--repair", "--json"])
     data = json.loads(res.output)
     assert res.exit_code == 0 and data["healthy"] and data["problems"] == []
     assert {p["kind"] for p in data["found"]} == {"stray-file", "dead-run"} and len(data["repaired"]) == 2
-    assert runner.invoke(app, ["doctor", "--home", str(store.home)]).exit_code == 0
+    assert runner.invoke(app, ["doctor", *_where(store)]).exit_code == 0
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path) -> None:

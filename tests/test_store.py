@@ -1,4 +1,6 @@
-"""The lineage store: crash-safe save order, idempotence, lookups by key prefix and by file."""
+"""The lineage store: crash-safe save order, idempotence, lookups by key prefix and by file.
+
+Every test that takes ``store`` runs on SQLite and on a real PostgreSQL server (tests/postgres.py)."""
 
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ def _asset(key: str, data: bytes, parents=()) -> NewAsset:
                     params={"seed": 1}, parents=tuple(parents))
 
 
-@pytest.fixture
-def store(tmp_path):
-    st = open_store(tmp_path / "home")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    st = open_store(tmp_path / "home", url)
     lineage.start_run(st, "run1", "c", "brief.yaml", "0" * 64, "tiny", {})
     return st
 
@@ -45,7 +48,7 @@ def test_save_writes_rows_edges_and_files(store) -> None:
         assert (store.home / a.path).read_bytes() == b"two"
         assert [(e.parent, e.role) for e, _ in queries.parents(s, "k2")] == [("k1", "source")]
         assert s.get(Score, ("dec", "k1")).kept
-        assert set(queries.existing(s, store.home, ["k1", "k2", "nope"])) == {"k1", "k2"}
+        assert set(queries.existing(s, store.files, ["k1", "k2", "nope"])) == {"k1", "k2"}
     assert not list((store.home / "assets" / ".tmp").iterdir())  # temp files were moved into place
 
 
@@ -76,7 +79,7 @@ def test_asset_whose_file_never_arrived_is_not_reusable(store) -> None:
         path = store.home / s.get(Asset, "k1").path
     path.unlink()  # as if the process died between commit and rename
     with store.sessions() as s:
-        assert queries.existing(s, store.home, ["k1"]) == {}
+        assert queries.existing(s, store.files, ["k1"]) == {}
 
 
 def test_find_asset_by_prefix_and_by_file(store, tmp_path: Path) -> None:

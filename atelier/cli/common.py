@@ -18,6 +18,8 @@ err = Console(stderr=True)
 
 HomeOpt = typer.Option(None, "--home", help="atelier home (store, assets, models); default $ATELIER_HOME or ./.atelier")
 StoreOpt = typer.Option(None, "--store", help="SQLAlchemy URL of the lineage store; default sqlite in the home")
+AssetsOpt = typer.Option(None, "--assets", help="fsspec URL of the asset files (s3://bucket/path, file:///...); "
+                         "default $ATELIER_ASSETS, else <home>/assets")
 JsonOpt = typer.Option(False, "--json", help="machine-readable output")
 
 
@@ -26,13 +28,18 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _open(home: Optional[Path], store_url: Optional[str]):
+def _open(home: Optional[Path], store_url: Optional[str], assets_url: Optional[str] = None):
+    """The store, or one error line naming the option (``--store`` / ``--assets``) and exit code 2."""
+    from atelier.errors import StoreError
     from store import open_store
 
     h = home_dir(home)
     if not store_url and not (h / "lineage.db").exists():
         _fail(f"no lineage store at {h / 'lineage.db'} (run a brief first, or pass --home)")
-    return open_store(h, store_url)
+    try:
+        return open_store(h, store_url, assets_url)
+    except StoreError as exc:
+        _fail(str(exc))
 
 
 def _print_json(data) -> None:

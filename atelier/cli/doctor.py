@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from atelier.cli.common import HomeOpt, JsonOpt, StoreOpt, _fail, _open, _print_json, app, out
+from atelier.cli.common import AssetsOpt, HomeOpt, JsonOpt, StoreOpt, _fail, _open, _print_json, app, out
 from atelier.settings import home_dir
 
 
@@ -16,11 +16,12 @@ from atelier.settings import home_dir
 def doctor(
     home: Optional[Path] = HomeOpt,
     store_url: Optional[str] = StoreOpt,
+    assets_url: Optional[str] = AssetsOpt,
     repair: bool = typer.Option(False, "--repair", help="fix what can be fixed, then check again"),
     stale_minutes: float = typer.Option(5.0, "--stale-minutes", help="temp files older than this are abandoned"),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Check rows against files and hashes, references, SQLite itself, and runs whose process died.
+    """Check rows against files and hashes, references, the database itself (SQLite), and runs whose process died.
 
     Exit code 0: healthy; 1: problems found (and, with --repair, not all of them fixed).
     """
@@ -31,7 +32,7 @@ def doctor(
     if stale_minutes < 0:
         _fail(f"--stale-minutes: expected a number >= 0, got {stale_minutes:g}")
     try:
-        st = _open(home, store_url)
+        st = _open(home, store_url, assets_url)
         report = doc.check(st, stale_after=stale_minutes * 60)
     except DatabaseError as exc:  # not even readable: that is the finding
         report = doc.unreadable(home_dir(home), store_url, exc)

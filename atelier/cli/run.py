@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from atelier.cli.common import HomeOpt, StoreOpt, _fail, app, err, out
+from atelier.cli.common import AssetsOpt, HomeOpt, StoreOpt, _fail, _open, app, err, out
 from atelier.errors import BriefError
 from atelier.settings import home_dir, prepare_environment
 
@@ -72,6 +72,7 @@ def run(
     profile: Optional[str] = typer.Option(None, "--profile", help="override the brief's model profile"),
     home: Optional[Path] = HomeOpt,
     store_url: Optional[str] = StoreOpt,
+    assets_url: Optional[str] = AssetsOpt,
     report: bool = typer.Option(True, "--report/--no-report", help="print the run report at the end"),
 ) -> None:
     """Run a brief through all five stages as a Prefect flow."""
@@ -90,6 +91,9 @@ def run(
     missing = _missing_models(prof, h / "models")
     if missing:
         _fail(f"profile {prof.name!r} cannot run here: " + "; ".join(missing) + " (see `atelier models`)")
+    from store.db import default_url
+
+    _open(h, store_url or default_url(h), assets_url)  # reachable and migrated, or exit 2 before Prefect starts
     run_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     out.print(f"atelier run [bold]{run_id}[/]: {campaign.brief.campaign} on profile [bold]{prof.name}[/]"
               + (" [yellow](random-weight test models)[/]" if prof.random_weights else "") + f", home {h}")
@@ -107,7 +111,8 @@ def run(
             from flows.campaign import campaign_flow
 
             try:
-                campaign_flow(brief_path=str(brief), home=str(h), run_id=run_id, profile=prof.name, store_url=store_url)
+                campaign_flow(brief_path=str(brief), home=str(h), run_id=run_id, profile=prof.name, store_url=store_url,
+                              assets_url=assets_url)
             except BriefError as exc:
                 _fail(str(exc))
             except Exception as exc:  # noqa: BLE001 - recorded in the store; show one line and fail

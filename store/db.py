@@ -36,6 +36,8 @@ class _Session(Session):
     (``s.get`` → ``s.add``) cannot race another process, and a writer waits (busy_timeout) instead of failing
     with "database is locked" when a deferred transaction that has already read tries to start writing.
     Reads use a plain deferred ``BEGIN``: a consistent snapshot that never blocks writers (WAL).
+    On PostgreSQL writers run side by side (READ COMMITTED): ``store.lineage`` inserts with ``ON CONFLICT``
+    instead of relying on a check-then-insert.
     """
 
     def begin(self, nested: bool = False):  # noqa: ANN201

@@ -266,3 +266,10 @@ def test_doctor_finds_and_repairs_damage_in_an_object_store(postgres_url, tmp_pa
         assert set(s.scalars(select(Asset.key))) == {"a", "d"}
     assert files.fs.cat_file(files.remote(rel["d"])) == b"late"
     assert files.fs.cat_file(f"{files.root}/.quarantine/{rel['c'].removeprefix('assets/')}") == b"bit rot"
+
+
+def test_a_store_opened_with_assets_keeps_them_for_later_opens_in_the_process(tmp_path) -> None:
+    """A flow opens its store with ``assets_url``; helpers that only know home and URL get the same files."""
+    url = f"memory://atelier-{uuid.uuid4().hex[:8]}"
+    first = open_store(tmp_path / "home", assets=url)
+    assert open_store(tmp_path / "home") is first and open_store(tmp_path / "other").files.location.endswith("assets")

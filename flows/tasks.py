@@ -22,7 +22,7 @@ from PIL import Image
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from atelier import metadata, progress
+from atelier import credentials, metadata, progress
 from atelier.brief import Campaign, Deliverable, Stages, apply_overrides, fit_to_area
 from atelier.keys import asset_key, derive_seed
 from atelier.registry import Profile, device_used, identity
@@ -441,16 +441,26 @@ def upscale_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[R
 
 @task(name="export-finals", cache_policy=NO_CACHE)
 def export_task(ctx: RunContext, campaign: Campaign, name: str, finals: list[Ref]) -> list[str]:
-    """Link each final into ``<home>/outputs/<campaign>/<deliverable>-<n>.png``, write its lineage
-    sidecar (``<deliverable>-<n>.png.json``) and mark it final."""
+    """Deliver each final as ``<home>/outputs/<campaign>/<deliverable>-<n>.png`` with its lineage sidecar
+    (``<deliverable>-<n>.png.json``), and mark it final.
+
+    The delivered file is a C2PA-signed copy of the asset (``atelier.credentials``): the asset file in
+    ``assets/`` stays content-addressed and untouched, so keys and reuse do not depend on signing
+    (each signature is new: a time, a random manifest id). With ``ATELIER_C2PA=off`` it is a hard link.
+    """
     out_dir = Path(ctx.home) / "outputs" / campaign.brief.campaign
     out_dir.mkdir(parents=True, exist_ok=True)
+    signing = credentials.signing_config(Path(ctx.home))
     with ctx.store.sessions() as s:
         docs = [metadata.doc_from_store(s, ref.key) for ref in finals]  # the document the PNG carries
     paths = []
     for n, (ref, doc) in enumerate(zip(finals, docs), start=1):
         target = out_dir / f"{name}-{n}{Path(ref.path).suffix}"
-        if not (target.exists() and os.path.samefile(target, ref.path)):
+        if signing is not None:
+            with ctx.store.sessions() as s:
+                manifest, ingredients = credentials.final_credentials(s, ctx.store.files.path, ref.key, target.name)
+            credentials.sign_file(Path(ref.path), target, signing, manifest, ingredients)
+        elif not (target.exists() and os.path.samefile(target, ref.path)):
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             tmp.unlink(missing_ok=True)
             try:

@@ -20,12 +20,18 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/atelier run campaigns/demo.yaml
 
-# System libraries the ncnn reference runtime (a test-only dependency) links against.
+# System libraries the ncnn reference runtime (a test-only dependency) links against, and Debian's
+# headless Chromium + its driver (the contact-sheet test loads the HTML page in a real browser).
 test-deps:
 	@if ! ldconfig -p | grep -q 'libvulkan.so.1' || ! ldconfig -p | grep -q 'libomp.so.5'; then \
 		echo "installing libvulkan1 libomp5 (needed by the Real-ESRGAN reference test)"; \
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libvulkan1 libomp5 >/dev/null; \
+	fi
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		echo "installing chromium chromium-driver (needed by the contact-sheet browser test)"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	fi
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		echo "installing postgresql (the store tests start a real server on loopback)"; \

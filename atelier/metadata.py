@@ -389,7 +389,8 @@ def lineage_tree(doc: dict, max_depth: int = 32) -> dict:
 
     def walk(key: str, role: str | None, depth: int) -> dict:
         r = records.get(key, {})
-        node = {"role": role, "key": key, "stage": r.get("stage", "unknown"), "deliverable": r.get("deliverable"),
+        node = {"role": role, "key": key, "stage": r.get("stage", "unknown"), "campaign": r.get("campaign"),
+                "deliverable": r.get("deliverable"),
                 "path": None, "sha256": None, "width": r.get("width"), "height": r.get("height"), "seconds": None,
                 "params": r.get("params") or {}, "model": r.get("model"), "run_id": None, "created_at": None,
                 "parents": []}

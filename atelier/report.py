@@ -36,8 +36,8 @@ def run_dict(run: Run) -> dict:
 
 
 def asset_dict(a: Asset, full: bool = True) -> dict:
-    out = {"key": a.key, "stage": a.stage, "deliverable": a.deliverable, "path": a.path, "sha256": a.sha256,
-           "width": a.width, "height": a.height, "seconds": round(a.seconds, 4)}
+    out = {"key": a.key, "stage": a.stage, "campaign": a.campaign, "deliverable": a.deliverable, "path": a.path,
+           "sha256": a.sha256, "width": a.width, "height": a.height, "seconds": round(a.seconds, 4)}
     if full:
         out.update(params=a.params, model=a.model, run_id=a.run_id, created_at=a.created_at.isoformat(timespec="seconds"))
     return out
@@ -70,6 +70,7 @@ def run_report(session: Session, run: Run) -> dict:
         item = {"key": a.key, "path": a.path, "width": a.width, "height": a.height}
         if a.stage == "draft":
             item["seed"] = a.params.get("seed")
+            item["prompt"] = a.params.get("prompt")
             item["index"] = a.params.get("index")
             sc = max(scores.get(a.key, []), key=lambda s: s.kept, default=None)
             if sc is not None:
@@ -87,6 +88,13 @@ def run_report(session: Session, run: Run) -> dict:
             d["select"].sort(key=lambda x: x["key"])
     for name, d in per_deliverable.items():
         d["cost"] = deliverable_cost([a for _, a in members if a.deliverable == name])
+        d["moodboard"] = _style_refs(session, [x["key"] for x in d.get("refine", [])])
+        d["finals"] = sorted((x for stage in CHAIN for x in d.get(stage, []) if x.get("final")),
+                             key=lambda x: x["final"])
+        for stage in ("select", "refine", "inpaint", "face_restore", "upscale"):
+            for x in d.get(stage, []):
+                x["from"] = next((p.key for e, p in queries.parents(session, x["key"])
+                                  if e.role in ("source", "init")), None)
     return {"run": run_dict(run), "stages": stages, "deliverables": dict(per_deliverable),
             "finals": sorted(finals.values()), "device": (run.info or {}).get("device")}
 
@@ -117,3 +125,93 @@ def deliverable_cost(assets: list[Asset]) -> dict:
 def lineage_dict(node: dict) -> dict:
     a: Asset = node["asset"]
     return {"role": node["role"], **asset_dict(a), "parents": [lineage_dict(p) for p in node["parents"]]}
+
+
+def _style_refs(session: Session, refine_keys: list[str]) -> list[dict]:
+    """The mood-board references a deliverable was styled with (its refine assets' style-ref parents)."""
+    seen: dict[str, dict] = {}
+    for key in refine_keys:
+        for e, a in queries.parents(session, key):
+            if e.role == "style-ref" and a.key not in seen:
+                seen[a.key] = {"key": a.key, "source": a.params.get("source"), "path": a.path,
+                               "width": a.width, "height": a.height}
+    return list(seen.values())
+
+
+# --------------------------------------------------------------------------- what changed, and diffs
+# Bookkeeping and bulky identities, not settings (all in the node's params); width / height are ``size``.
+IGNORED = {"decision", "index", "sha256", "centrality", "style_refs", "width", "height"}
+
+
+def primary_parent(node: dict) -> dict | None:
+    """The parent an asset was made *from* (source / init), as opposed to masks and style references."""
+    return next((p for p in node["parents"] if p["role"] in ("source", "init")), None)
+
+
+def annotate_changes(node: dict) -> dict:
+    """Add ``changed`` to every node of a lineage tree: {setting: [value before this step, own value]}.
+
+    "Before" is the chain's state at the primary parent: each setting as the nearest ancestor along
+    source / init links last set it. So a refine shows ``steps 4→8`` against its draft (through the
+    selection, which sets no steps) and keeps its draft's seed unchanged; a root sets everything.
+    Size and model count as settings (``size``, ``model``), since both change along a chain.
+    """
+    def settings(n: dict) -> dict:
+        out = {k: v for k, v in (n.get("params") or {}).items() if k not in IGNORED}
+        if n.get("width"):
+            out["size"] = f"{n['width']}x{n['height']}"
+        if (name := model_name(n.get("model"))) is not None:
+            out["model"] = name
+        return out
+
+    def state(n: dict | None, depth: int = 0) -> dict:
+        if n is None or depth > 64:
+            return {}
+        return {**state(primary_parent(n), depth + 1), **settings(n)}
+
+    def walk(n: dict) -> None:
+        before = state(primary_parent(n))
+        n["changed"] = {k: [before.get(k), v] for k, v in settings(n).items() if before.get(k) != v}
+        for p in n["parents"]:
+            walk(p)
+
+    walk(node)
+    return node
+
+
+def model_name(model: dict | None) -> str | None:
+    if not model:
+        return None
+    return model.get("name") or (model.get("pipeline") or {}).get("name")
+
+
+def flatten(value, prefix: str = "") -> dict:
+    """{"a": {"b": 1}, "c": [2]} -> {"a.b": 1, "c": [2]} (lists stay values: they compare whole)."""
+    if isinstance(value, dict) and value:
+        out: dict = {}
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def recipe_diff(a: dict, b: dict) -> dict:
+    """What differs between two assets' recipes (``asset_dict`` + parents): field -> [a, b].
+
+    Fields: stage, deliverable, campaign, size, ``params.*``, ``model.*`` (flattened) and ``parents.<role>``
+    (the parent keys in each role). Same recipe, same key: two different keys always differ somewhere.
+    """
+    def fields(x: dict) -> dict:
+        out = {"stage": x["stage"], "campaign": x.get("campaign"), "deliverable": x.get("deliverable"),
+               "size": f"{x['width']}x{x['height']}" if x.get("width") else None}
+        out.update(flatten(x.get("params") or {}, "params."))
+        out.update(flatten(x.get("model") or {}, "model."))
+        roles: dict[str, list[str]] = defaultdict(list)
+        for key, role in x.get("parent_keys", []):
+            roles[role].append(key)
+        out.update({f"parents.{role}": keys for role, keys in roles.items()})
+        return out
+
+    fa, fb = fields(a), fields(b)
+    names = list(dict.fromkeys([*fa, *fb]))
+    return {k: [fa.get(k), fb.get(k)] for k in names if fa.get(k) != fb.get(k)}

@@ -1,20 +1,36 @@
-"""The campaign flow: mood board once, then per deliverable drafts → selection → refine → post-edit."""
+"""The campaign flow: mood board once, then per deliverable drafts → selection → refine → post-edit.
+
+Each deliverable is a chain of tasks (batch granularity) named ``<deliverable>/<stage>`` in the Prefect UI.
+By default the chains run one after the other in this process, so each model is loaded once and a
+stage's batch has the device to itself. With ``task_runner="dask"`` every task is submitted to a local
+Dask cluster (``prefect-dask``; one process per worker, one task at a time each): deliverables run side by
+side, each worker loading the models it needs. Tasks exchange keys and paths only, so either way works.
+
+A per-deliverable subflow would group the tasks in the UI but costs each deliverable two more API
+round trips and a heartbeat-thread join (~1-2 s; see bench/README.md), which is most of an unchanged re-run.
+"""
 
 from __future__ import annotations
 
 import platform
+import time
 import traceback
+from collections import Counter
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
 from atelier import __version__
 from atelier.brief import Campaign, load_brief
-from flows.tasks import (BoardRefs, RunContext, draft_task, export_task, face_task, inpaint_task, moodboard_task,
-                         refine_task, select_task, upscale_task)
+from flows import STAGES
+from flows.tasks import (GPU_TAG, GPU_TASKS, RunContext, draft_task, export_task, face_task, inpaint_task,
+                         moodboard_task, refine_task, select_task, upscale_task)
 from flows.artifacts import publish_deliverable
 from atelier.registry import device_used
 from store import lineage, open_store
+
+TASK_RUNNERS = ("sequential", "dask")
+PHASES: Counter = Counter()  # seconds this process spent exporting finals and publishing artifacts (bench/)
 
 
 def _versions() -> dict:
@@ -29,40 +45,92 @@ def _versions() -> dict:
     return out
 
 
-@flow(name="deliverable", log_prints=False, validate_parameters=False)
-def deliverable_flow(ctx: RunContext, campaign: Campaign, name: str, board: BoardRefs) -> list[str]:
-    """One deliverable's chain; returns the exported final paths."""
+def gpu_limit_exists() -> bool:
+    """Whether the Prefect server has a concurrency limit on the ``gpu`` tag (one API call per run).
+    ``prefect concurrency-limit create gpu 1`` makes one (stored as the global limit ``tag:gpu``)."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_global_concurrency_limit_by_name(f"tag:{GPU_TAG}")
+    except ObjectNotFound:
+        return False
+    except Exception:  # noqa: BLE001 - unsure: tag, and let Prefect decide per task
+        return True
+    return True
+
+
+def _deliverable_chain(ctx: RunContext, campaign: Campaign, name: str, board, submit: bool,  # noqa: ANN001
+                       gpu_tag: bool):
+    """One deliverable's tasks, in order. ``submit``: futures (the task runner schedules them; a future
+    passed as an argument is resolved first), else plain calls. Returns the exported paths (or their future)."""
+    def call(t, *args):  # noqa: ANN001, ANN202
+        if gpu_tag and t in GPU_TASKS:
+            t = t.with_options(tags={GPU_TAG})
+        if submit:
+            return t.submit(*args)
+        t0 = time.perf_counter()
+        try:
+            return t(*args)
+        finally:
+            if t is export_task:
+                PHASES["export"] += time.perf_counter() - t0
+
     d = next(x for x in campaign.brief.deliverables if x.name == name)
-    drafts = draft_task(ctx, campaign, name)
-    current = select_task(ctx, campaign, name, drafts, board)
-    current = refine_task(ctx, campaign, name, current, board)
+    current = call(draft_task, ctx, campaign, name)
+    current = call(select_task, ctx, campaign, name, current, board)
+    current = call(refine_task, ctx, campaign, name, current, board)
     if d.post.inpaint is not None:
-        current = inpaint_task(ctx, campaign, name, current, board)
+        current = call(inpaint_task, ctx, campaign, name, current, board)
     if d.post.face_restore:
-        current = face_task(ctx, campaign, name, current)
+        current = call(face_task, ctx, campaign, name, current)
     if d.post.upscale:
-        current = upscale_task(ctx, campaign, name, current)
-    finals = export_task(ctx, campaign, name, current)
+        current = call(upscale_task, ctx, campaign, name, current)
+    return call(export_task, ctx, campaign, name, current)
+
+
+def _publish(ctx: RunContext, campaign: Campaign, name: str) -> None:
+    t0 = time.perf_counter()
     publish_deliverable(ctx.home, ctx.store_url, ctx.run_id, campaign.brief.campaign, name)
-    return finals
+    PHASES["artifacts"] += time.perf_counter() - t0
 
 
 @flow(name="campaign", log_prints=False, validate_parameters=False)
 def campaign_flow(brief_path: str, home: str, run_id: str, profile: str | None = None,
-                  store_url: str | None = None, assets_url: str | None = None) -> str:
+                  store_url: str | None = None, assets_url: str | None = None, force: str | None = None,
+                  submit: bool = False) -> str:
     """Run a brief end to end; returns the run id. Lineage goes to the store under ``home`` (or ``store_url``),
-    asset files to ``<home>/assets`` (or the fsspec URL ``assets_url``)."""
+    asset files to ``<home>/assets`` (or the fsspec URL ``assets_url``).
+
+    ``force``: a stage name; that stage and every later one recompute even where their assets are stored.
+    ``submit``: submit the tasks to the flow's task runner (see ``campaign_flow_for``) instead of calling them.
+    """
+    if force is not None and force not in STAGES:
+        raise ValueError(f"force: unknown stage {force!r}; known: {', '.join(STAGES)}")
     campaign: Campaign = load_brief(brief_path)
     profile = profile or campaign.brief.profile
     ctx = RunContext(run_id=run_id, home=str(Path(home).resolve()), store_url=store_url, profile=profile,
-                     stages=campaign.brief.stages, brief_root=str(campaign.root), assets_url=assets_url)
+                     stages=campaign.brief.stages, brief_root=str(campaign.root), assets_url=assets_url, force=force)
     store = open_store(Path(ctx.home), store_url, assets_url)
+    gpu_tag = gpu_limit_exists()
     lineage.start_run(store, run_id, campaign.brief.campaign, str(campaign.path), campaign.sha256, profile,
-                      {"versions": _versions()})
+                      {"versions": _versions(), "force": force, "task_runner": "dask" if submit else "sequential",
+                       "gpu_tag": gpu_tag})
+    names = [d.name for d in campaign.brief.deliverables]
+    board_task = moodboard_task.with_options(tags={GPU_TAG}) if gpu_tag else moodboard_task
     try:
-        board = moodboard_task(ctx, campaign)
-        for d in campaign.brief.deliverables:
-            deliverable_flow.with_options(flow_run_name=f"{campaign.brief.campaign}/{d.name}")(ctx, campaign, d.name, board)
+        if submit:
+            board = board_task.submit(ctx, campaign)
+            finals = {name: _deliverable_chain(ctx, campaign, name, board, True, gpu_tag) for name in names}
+            for name in names:
+                finals[name].result()  # raises the first failure
+                _publish(ctx, campaign, name)
+        else:
+            board = board_task(ctx, campaign)
+            for name in names:
+                _deliverable_chain(ctx, campaign, name, board, False, gpu_tag)
+                _publish(ctx, campaign, name)
     except BaseException as exc:
         lineage.finish_run(store, run_id, error="".join(traceback.format_exception_only(type(exc), exc)).strip(),
                            device=device_used())
@@ -70,3 +138,20 @@ def campaign_flow(brief_path: str, home: str, run_id: str, profile: str | None =
     lineage.finish_run(store, run_id, device=device_used())
     get_run_logger().info("run %s completed", run_id)
     return run_id
+
+
+def campaign_flow_for(task_runner: str = "sequential", workers: int = 2):
+    """``campaign_flow`` with its task runner: ``sequential`` (in this process) or ``dask`` (a local Dask
+    cluster of ``workers`` processes, started with the run and closed after it). Call it with ``submit=True``
+    for dask."""
+    if task_runner == "sequential":
+        return campaign_flow
+    if task_runner != "dask":
+        raise ValueError(f"task runner: unknown {task_runner!r}; known: {', '.join(TASK_RUNNERS)}")
+    from prefect_dask import DaskTaskRunner
+
+    # Processes, one thread each: a diffusers pipeline is not thread-safe (its scheduler keeps per-call state),
+    # and each process loads its own models. No dashboard: nothing listens beyond the cluster's own ports.
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                            "dashboard_address": None})
+    return campaign_flow.with_options(task_runner=runner)

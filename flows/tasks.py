@@ -6,6 +6,15 @@ Every task follows the same shape:
 3. otherwise run the stage function on what is missing and persist through ``store.save``;
 4. record the stage's wall time and computed / reused counts.
 Tasks return ``Ref``s (key + absolute path), never images or models.
+
+Model work goes through ``_model_call`` (counted in ``MODEL_CALLS``: an unchanged re-run makes none).
+Tasks retry transient failures with exponential backoff: I/O errors, and CUDA out-of-memory, after which
+the stage's batch is halved. Bad input (``BriefError``, ``ValueError``) fails at once.
+
+The tasks that run models (``GPU_TASKS``) get the ``gpu`` tag from the flow when the Prefect server has a
+concurrency limit on it (``prefect concurrency-limit create gpu 1``): Prefect asks the server for a slot
+before every tagged task, a synchronous round trip (~5 ms idle, 100-200 ms on a busy 2-core machine) that
+buys nothing when there is no limit to honour.
 """
 
 from __future__ import annotations
@@ -14,18 +23,24 @@ import hashlib
 import io
 import os
 import shutil
+import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from PIL import Image
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
 
-from atelier import credentials, metadata, progress
+from atelier import metadata, progress
 from atelier.brief import Campaign, Deliverable, Stages, apply_overrides, fit_to_area
+from atelier.errors import BriefError
 from atelier.keys import asset_key, derive_seed
 from atelier.registry import Profile, device_used, identity
+from flows import STAGES
 from stages import draft as draft_stage
 from stages import moodboard as moodboard_stage
 from stages import postedit
@@ -45,6 +60,11 @@ class RunContext:
     stages: Stages = Stages()  # the brief's per-stage overrides of the profile
     brief_root: str = "."
     assets_url: str | None = None  # fsspec URL of the asset files; None: $ATELIER_ASSETS, else <home>/assets
+    force: str | None = None  # recompute this stage and every later one even where the assets are stored
+
+    def forced(self, stage: str) -> bool:
+        """Whether ``--force`` makes ``stage`` recompute its stored assets."""
+        return self.force is not None and STAGES.index(stage) >= STAGES.index(self.force)
 
     @property
     def store(self) -> Store:
@@ -82,6 +102,84 @@ def _refs(store: Store, keys: list[str]) -> list[Ref]:
 def _missing(store: Store, keys: list[str]) -> set[str]:
     with store.sessions() as s:
         return set(keys) - set(queries.existing(s, store.files, keys))
+
+
+def _to_compute(ctx: RunContext, stage: str, keys: list[str]) -> set[str]:
+    """The keys ``stage`` must compute: those not stored (with their file), or all of them under ``--force``."""
+    return set(keys) if ctx.forced(stage) else _missing(ctx.store, keys)
+
+
+# ------------------------------------------------------------------------- model calls and retries
+@dataclass
+class ModelCalls:
+    """Stage entry functions (each loads its models once per process and runs them) called by this process."""
+    count: int = 0
+    seconds: float = 0.0
+    by_stage: Counter = field(default_factory=Counter)
+
+    def reset(self) -> None:
+        self.count, self.seconds, self.by_stage = 0, 0.0, Counter()
+
+
+MODEL_CALLS = ModelCalls()
+_calls_lock = threading.Lock()
+_batch_caps: dict[tuple[str, str | None, str], int] = {}  # (run, deliverable, stage) -> batch after CUDA OOM
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: CUDA out-of-memory (with a smaller batch) and I/O errors. Never bad input, and
+    never a file that is simply not there (a missing reference or weight file stays missing)."""
+    if isinstance(exc, (BriefError, ValueError)):
+        return False
+    if _is_oom(exc):
+        return True
+    return isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError,
+                                                            NotADirectoryError))
+
+
+def _retry_transient(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            state.result()
+        except BaseException as e:  # noqa: BLE001
+            exc = e
+    return exc is not None and is_transient(exc)
+
+
+RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.2,
+               retry_condition_fn=_retry_transient)  # waits ~2, 4, 8 s
+
+
+def _batch(ctx: RunContext, deliverable: str | None, stage: str, default: int) -> int:
+    """The stage's batch size: the profile's, halved after each CUDA out-of-memory of this run's stage."""
+    return _batch_caps.get((ctx.run_id, deliverable, stage), default)
+
+
+def _model_call(ctx: RunContext, deliverable: str | None, stage: str, fn: Callable[..., Any], request: Any,
+                on_progress=None, batch: int | None = None):  # noqa: ANN001
+    """Run a stage entry function, counting and timing it; on CUDA OOM halve the batch for the retry."""
+    t0 = time.perf_counter()
+    try:
+        return fn(request) if on_progress is None else fn(request, on_progress=on_progress)
+    except Exception as exc:
+        if _is_oom(exc):
+            if batch is not None:
+                _batch_caps[(ctx.run_id, deliverable, stage)] = max(1, batch // 2)
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        raise
+    finally:
+        with _calls_lock:
+            MODEL_CALLS.count += 1
+            MODEL_CALLS.seconds += time.perf_counter() - t0
+            MODEL_CALLS.by_stage[stage] += 1
 
 
 def _image_asset(key: str, stage: str, campaign: str, deliverable: str | None, image: Image.Image, params: dict,
@@ -135,7 +233,7 @@ def _finish_reused(ctx: RunContext, st: _Stage, keys: list[str]) -> list[Ref]:
 
 
 # ---------------------------------------------------------------------------------------- mood board
-@task(name="mood-board", cache_policy=NO_CACHE)
+@task(name="mood-board", cache_policy=NO_CACHE, **RETRIES)
 def moodboard_task(ctx: RunContext, campaign: Campaign) -> BoardRefs:
     """Ingest the brand references and embed them into a mood board."""
     store, prof, brief = ctx.store, ctx.prof, campaign.brief
@@ -155,14 +253,14 @@ def moodboard_task(ctx: RunContext, campaign: Campaign) -> BoardRefs:
     clip_id = identity(prof.clip, ctx.models_dir)
     board_key = asset_key("moodboard", moodboard_stage.STAGE_VERSION, {"max_style_refs": brief.max_style_refs},
                           [(k, "source") for k in ref_keys], clip_id)
-    missing = _missing(store, ref_keys + [board_key])
+    missing = _missing(store, ref_keys + [board_key]) | ({board_key} if ctx.forced("moodboard") else set())
     computed = 0
     if missing - {board_key}:
         save(store, ctx.run_id, [a for a in ref_assets if a.key in missing])
         computed += len(missing - {board_key})
     if board_key in missing:
         t0 = time.perf_counter()
-        board = moodboard_stage.build_moodboard(moodboard_stage.MoodboardRequest(
+        board = _model_call(ctx, None, "moodboard", moodboard_stage.build_moodboard, moodboard_stage.MoodboardRequest(
             references=campaign.style_refs, clip=prof.clip, models_dir=ctx.models_dir,
             max_style_refs=brief.max_style_refs))
         params = {"max_style_refs": brief.max_style_refs,
@@ -195,7 +293,7 @@ def _draft_recipe(ctx: RunContext, campaign: Campaign, d: Deliverable) -> tuple[
     return [{**base, "seed": s, "index": i} for i, s in enumerate(seeds)], identity(prof.draft_model, ctx.models_dir)
 
 
-@task(name="draft-batch", cache_policy=NO_CACHE, tags=["gpu"])
+@task(name="draft-batch", task_run_name="{name}/draft", cache_policy=NO_CACHE, **RETRIES)
 def draft_task(ctx: RunContext, campaign: Campaign, name: str) -> list[Ref]:
     """Cheap drafts: a seed sweep of ``drafts`` images for one deliverable."""
     d = next(x for x in campaign.brief.deliverables if x.name == name)
@@ -203,16 +301,17 @@ def draft_task(ctx: RunContext, campaign: Campaign, name: str) -> list[Ref]:
     recipes, model_id = _draft_recipe(ctx, campaign, d)
     keys = [asset_key("draft", draft_stage.STAGE_VERSION, r, [], model_id) for r in recipes]
     st = _Stage(ctx, name, "draft", len(keys))
-    missing = _missing(store, keys)
+    missing = _to_compute(ctx, "draft", keys)
     if not missing:
         return _finish_reused(ctx, st, keys)
     todo = [(k, r) for k, r in zip(keys, recipes) if k in missing]
     t0 = time.perf_counter()
-    drafts = draft_stage.generate_drafts(draft_stage.DraftRequest(
+    batch = _batch(ctx, name, "draft", prof.draft.batch_size)
+    drafts = _model_call(ctx, name, "draft", draft_stage.generate_drafts, draft_stage.DraftRequest(
         prompt=d.prompt, negative=todo[0][1]["negative"], seeds=tuple(r["seed"] for _, r in todo),
         width=todo[0][1]["width"], height=todo[0][1]["height"], steps=prof.draft.steps, guidance=prof.draft.guidance,
         scheduler=prof.draft.scheduler, model=prof.draft_model, models_dir=ctx.models_dir,
-        batch_size=prof.draft.batch_size), on_progress=st.on_progress)
+        batch_size=batch), on_progress=st.on_progress, batch=batch)
     per = (time.perf_counter() - t0) / len(drafts)
     save(store, ctx.run_id, [_image_asset(k, "draft", campaign.brief.campaign, name, dr.image, r, model_id, per, ())
                              for (k, r), dr in zip(todo, drafts)])
@@ -222,7 +321,7 @@ def draft_task(ctx: RunContext, campaign: Campaign, name: str) -> list[Ref]:
 
 
 # ----------------------------------------------------------------------------------------- selection
-@task(name="select-drafts", cache_policy=NO_CACHE, tags=["gpu"])
+@task(name="select-drafts", task_run_name="{name}/select", cache_policy=NO_CACHE, **RETRIES)
 def select_task(ctx: RunContext, campaign: Campaign, name: str, drafts: list[Ref], board: BoardRefs) -> list[Ref]:
     """Score every draft with CLIP and keep the top ``keep`` (diversity-aware)."""
     d = next(x for x in campaign.brief.deliverables if x.name == name)
@@ -239,13 +338,13 @@ def select_task(ctx: RunContext, campaign: Campaign, name: str, drafts: list[Ref
 
     with store.sessions() as s:
         prior = lineage.scores_for(s, decision)
-    if prior:
+    if prior and not ctx.forced("select"):
         ranked = sorted((sc for sc in prior if sc.kept), key=lambda sc: sc.rank)
         keys = [kept_key(sc.draft_key, sc.rank) for sc in ranked]
         if not _missing(store, keys):
             return _finish_reused(ctx, st, keys)
     t0 = time.perf_counter()
-    sel = select_stage.select_drafts(select_stage.SelectRequest(
+    sel = _model_call(ctx, name, "select", select_stage.select_drafts, select_stage.SelectRequest(
         prompt=d.prompt, drafts=tuple(Path(r.path) for r in drafts), moodboard=Path(board.board.path), keep=d.keep,
         clip=prof.clip, models_dir=ctx.models_dir, weights=prof.selection_weights))
     seconds = time.perf_counter() - t0
@@ -280,7 +379,7 @@ def _seed_of(store: Store, key: str) -> int:
         return int(node["asset"].params.get("seed", 0))
 
 
-@task(name="refine-batch", cache_policy=NO_CACHE, tags=["gpu"])
+@task(name="refine-batch", task_run_name="{name}/refine", cache_policy=NO_CACHE, **RETRIES)
 def refine_task(ctx: RunContext, campaign: Campaign, name: str, kept: list[Ref], board: BoardRefs) -> list[Ref]:
     """Full-quality img2img regeneration of the kept drafts, styled by IP-Adapter with the style refs."""
     d = next(x for x in campaign.brief.deliverables if x.name == name)
@@ -295,17 +394,18 @@ def refine_task(ctx: RunContext, campaign: Campaign, name: str, kept: list[Ref],
     parents = [((r.key, "init"),) + tuple((sr.key, "style-ref") for sr in board.style_refs) for r in kept]
     keys = [asset_key("refine", refine_stage.STAGE_VERSION, rc, p, model_id) for rc, p in zip(recipes, parents)]
     st = _Stage(ctx, name, "refine", len(keys))
-    missing = _missing(store, keys)
+    missing = _to_compute(ctx, "refine", keys)
     if not missing:
         return _finish_reused(ctx, st, keys)
     todo = [i for i, k in enumerate(keys) if k in missing]
     t0 = time.perf_counter()
-    images = refine_stage.refine(refine_stage.RefineRequest(
+    batch = _batch(ctx, name, "refine", s.batch_size)
+    images = _model_call(ctx, name, "refine", refine_stage.refine, refine_stage.RefineRequest(
         prompt=d.prompt, negative=recipes[0]["negative"], inits=tuple(Path(kept[i].path) for i in todo),
         seeds=tuple(seeds[i] for i in todo), style_refs=tuple(Path(r.path) for r in board.style_refs), width=w,
         height=h, steps=s.steps, guidance=s.guidance, strength=s.strength, scheduler=s.scheduler,
         ip_adapter_scale=prof.ip_adapter_scale, model=prof.refine_model, ip_adapter=prof.ip_adapter,
-        models_dir=ctx.models_dir, batch_size=s.batch_size), on_progress=st.on_progress)
+        models_dir=ctx.models_dir, batch_size=batch), on_progress=st.on_progress, batch=batch)
     per = (time.perf_counter() - t0) / len(images)
     save(store, ctx.run_id, [_image_asset(keys[i], "refine", campaign.brief.campaign, name, im, recipes[i], model_id,
                                           per, parents[i]) for i, im in zip(todo, images)])
@@ -315,7 +415,7 @@ def refine_task(ctx: RunContext, campaign: Campaign, name: str, kept: list[Ref],
 
 
 # ----------------------------------------------------------------------------------------- post-edit
-@task(name="inpaint-batch", cache_policy=NO_CACHE, tags=["gpu"])
+@task(name="inpaint-batch", task_run_name="{name}/inpaint", cache_policy=NO_CACHE, **RETRIES)
 def inpaint_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[Ref], board: BoardRefs) -> list[Ref]:
     """Repaint the brief's region / mask in every image; the mask itself is an asset."""
     d = next(x for x in campaign.brief.deliverables if x.name == name)
@@ -364,12 +464,12 @@ def inpaint_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[R
     parents = [((r.key, "source"), (mask_for(i).key, "mask")) + tuple((sr.key, "style-ref") for sr in board.style_refs)
                for i, r in enumerate(sources)]
     keys = [asset_key("inpaint", postedit.STAGE_VERSIONS["inpaint"], rc, p, model_id) for rc, p in zip(recipes, parents)]
-    missing = _missing(store, keys)
+    missing = _to_compute(ctx, "inpaint", keys)
     if not missing:
         return _finish_reused(ctx, st, keys)
     todo = [i for i, k in enumerate(keys) if k in missing]
     t0 = time.perf_counter()
-    images = postedit.inpaint(postedit.InpaintRequest(
+    images = _model_call(ctx, name, "inpaint", postedit.inpaint, postedit.InpaintRequest(
         sources=tuple(Path(sources[i].path) for i in todo), masks=tuple(Path(mask_for(i).path) for i in todo),
         prompt=spec.prompt,
         negative=recipes[0]["negative"], seeds=tuple(seeds[i] for i in todo), steps=s.steps, guidance=s.guidance,
@@ -384,7 +484,7 @@ def inpaint_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[R
     return _refs(store, keys)
 
 
-@task(name="face-restore-batch", cache_policy=NO_CACHE, tags=["gpu"])
+@task(name="face-restore-batch", task_run_name="{name}/face-restore", cache_policy=NO_CACHE, **RETRIES)
 def face_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[Ref]) -> list[Ref]:
     """Detect faces (OpenCV Haar) and restore each with GFPGAN; boxes go into lineage."""
     prof, store = ctx.prof, ctx.store
@@ -394,12 +494,12 @@ def face_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[Ref]
     keys = [asset_key("face_restore", postedit.STAGE_VERSIONS["face_restore"], recipe, [(r.key, "source")], model_id)
             for r in sources]
     st = _Stage(ctx, name, "face_restore", len(keys))
-    missing = _missing(store, keys)
+    missing = _to_compute(ctx, "face_restore", keys)
     if not missing:
         return _finish_reused(ctx, st, keys)
     todo = [i for i, k in enumerate(keys) if k in missing]
     t0 = time.perf_counter()
-    results = postedit.restore_faces(postedit.FaceRequest(
+    results = _model_call(ctx, name, "face_restore", postedit.restore_faces, postedit.FaceRequest(
         sources=tuple(Path(sources[i].path) for i in todo), face=prof.face, models_dir=ctx.models_dir,
         face_size=prof.face_size, max_faces=recipe["max_faces"], margin=recipe["margin"]), on_progress=st.on_progress)
     per = (time.perf_counter() - t0) / len(results)
@@ -412,7 +512,7 @@ def face_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[Ref]
     return _refs(store, keys)
 
 
-@task(name="upscale-batch", cache_policy=NO_CACHE, tags=["gpu"])
+@task(name="upscale-batch", task_run_name="{name}/upscale", cache_policy=NO_CACHE, **RETRIES)
 def upscale_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[Ref]) -> list[Ref]:
     """Real-ESRGAN x4 (tiled), then a Lanczos cover-fit to the delivered size."""
     d = next(x for x in campaign.brief.deliverables if x.name == name)
@@ -423,12 +523,12 @@ def upscale_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[R
     keys = [asset_key("upscale", postedit.STAGE_VERSIONS["upscale"], recipe, [(r.key, "source")], model_id)
             for r in sources]
     st = _Stage(ctx, name, "upscale", len(keys))
-    missing = _missing(store, keys)
+    missing = _to_compute(ctx, "upscale", keys)
     if not missing:
         return _finish_reused(ctx, st, keys)
     todo = [i for i, k in enumerate(keys) if k in missing]
     t0 = time.perf_counter()
-    images = postedit.upscale(postedit.UpscaleRequest(
+    images = _model_call(ctx, name, "upscale", postedit.upscale, postedit.UpscaleRequest(
         sources=tuple(Path(sources[i].path) for i in todo), size=size, model=prof.upscale, models_dir=ctx.models_dir,
         tile=prof.upscale_tile), on_progress=st.on_progress)
     per = (time.perf_counter() - t0) / len(images)
@@ -439,7 +539,11 @@ def upscale_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[R
     return _refs(store, keys)
 
 
-@task(name="export-finals", cache_policy=NO_CACHE)
+GPU_TAG = "gpu"
+GPU_TASKS = (moodboard_task, draft_task, select_task, refine_task, inpaint_task, face_task, upscale_task)
+
+
+@task(name="export-finals", task_run_name="{name}/export", cache_policy=NO_CACHE, **RETRIES)
 def export_task(ctx: RunContext, campaign: Campaign, name: str, finals: list[Ref]) -> list[str]:
     """Deliver each final as ``<home>/outputs/<campaign>/<deliverable>-<n>.png`` with its lineage sidecar
     (``<deliverable>-<n>.png.json``), and mark it final.

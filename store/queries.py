@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from datetime import datetime
 from pathlib import Path
 from typing import Iterable
 
@@ -89,3 +90,55 @@ def scores_by_draft(session: Session, draft_keys: Iterable[str]) -> dict[str, li
         for sc in session.scalars(select(Score).where(Score.draft_key.in_(keys))):
             out[sc.draft_key].append(sc)
     return out
+
+
+def search_assets(session: Session, *, campaign: str | None = None, deliverable: str | None = None,
+                  stage: str | None = None, model: str | None = None, seed: int | None = None,
+                  since: datetime | None = None, kept: bool | None = None, limit: int = 200) -> list[Asset]:
+    """Assets across runs, newest first, filtered on what the lineage records.
+
+    ``model`` matches a model name anywhere in the asset's model identity (``name``, or a ``pipeline`` /
+    ``ip_adapter`` sub-identity); ``seed`` the recorded seed; ``kept`` a draft that some selection kept
+    (True) or never kept (False): it implies stage ``draft``. JSON fields are filtered in Python after
+    the SQL filters (portable across SQLite / PostgreSQL; the SQL ones do most of the narrowing).
+    """
+    q = select(Asset).order_by(Asset.created_at.desc(), Asset.key)
+    if campaign is not None:
+        q = q.where(Asset.campaign == campaign)
+    if deliverable is not None:
+        q = q.where(Asset.deliverable == deliverable)
+    if kept is not None:
+        stage = stage or "draft"
+        kept_keys = select(Score.draft_key).where(Score.kept.is_(True))
+        q = q.where(Asset.key.in_(kept_keys) if kept else Asset.key.not_in(kept_keys))
+    if stage is not None:
+        q = q.where(Asset.stage == stage)
+    if since is not None:
+        q = q.where(Asset.created_at >= since)
+    out = []
+    for a in session.scalars(q):
+        if seed is not None and (a.params or {}).get("seed") != seed:
+            continue
+        if model is not None and model not in model_names(a.model):
+            continue
+        out.append(a)
+        if len(out) >= limit:
+            break
+    return out
+
+
+def model_names(model: dict | None) -> list[str]:
+    """Every model name in a model identity: ``{"name"}`` or ``{"pipeline": {...}, "ip_adapter": {...}}``."""
+    if not model:
+        return []
+    if "name" in model:
+        return [model["name"]]
+    return [n for sub in model.values() if isinstance(sub, dict) for n in model_names(sub)]
+
+
+def kept_drafts(session: Session, draft_keys: Iterable[str]) -> set[str]:
+    """Those of ``draft_keys`` that some selection kept."""
+    keys = list(draft_keys)
+    if not keys:
+        return set()
+    return set(session.scalars(select(Score.draft_key).where(Score.draft_key.in_(keys), Score.kept.is_(True))))

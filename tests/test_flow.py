@@ -45,11 +45,35 @@ deliverables:
 """
 
 
+def _run(runner, *args: str) -> int:
+    """``atelier run ...`` in this process; returns the model calls it made (stage entry functions)."""
+    from flows.tasks import MODEL_CALLS
+
+    MODEL_CALLS.reset()
+    res = runner.invoke(app, ["run", *args, "--no-report"])
+    assert res.exit_code == 0, res.output
+    return MODEL_CALLS.count
+
+
+def _latest_report(e2e) -> dict:
+    return json.loads(e2e["runner"].invoke(app, ["report", "--home", str(e2e["home"]), "--json"]).output)
+
+
+def _run_wall(home: Path, run_id: str) -> float:
+    """The flow's own start -> finish, from the store (Prefect's server start is not in it)."""
+    from store.schema import Run
+
+    with open_store(home).sessions() as s:
+        run = s.get(Run, run_id)
+        return (run.finished_at - run.started_at).total_seconds()
+
+
 @pytest.fixture(scope="module")
 def e2e(prefect_server, tmp_path_factory):
     """Run the brief twice through the CLI (cold, then unchanged) on one home."""
     import shutil
 
+    from flows.tasks import MODEL_CALLS
     from tests.conftest import DEMO_REFS
 
     folder = tmp_path_factory.mktemp("brief")
@@ -59,12 +83,13 @@ def e2e(prefect_server, tmp_path_factory):
     brief = write_brief(folder, BRIEF)
     home = tmp_path_factory.mktemp("home")
     runner = CliRunner()
-    first = runner.invoke(app, ["run", str(brief), "--home", str(home), "--no-report"])
-    assert first.exit_code == 0, first.output
-    second = runner.invoke(app, ["run", str(brief), "--home", str(home), "--no-report"])
-    assert second.exit_code == 0, second.output
+    calls = [_run(runner, str(brief), "--home", str(home))]
+    by_stage = [dict(MODEL_CALLS.by_stage)]
+    calls.append(_run(runner, str(brief), "--home", str(home)))
+    by_stage.append(dict(MODEL_CALLS.by_stage))
     runs = json.loads(runner.invoke(app, ["runs", "--home", str(home), "--json"]).output)
-    return {"home": home, "brief": brief, "runs": [r["id"] for r in reversed(runs)], "runner": runner}
+    return {"home": home, "brief": brief, "runs": [r["id"] for r in reversed(runs)], "runner": runner,
+            "model_calls": calls, "by_stage": by_stage}
 
 
 def test_lineage_is_complete(e2e) -> None:
@@ -185,3 +210,116 @@ def test_changing_refine_settings_reuses_drafts_and_selection(e2e) -> None:
     hero = data["deliverables"]["hero"]["stages"]
     assert hero["draft"]["computed"] == 0 and hero["select"]["computed"] == 0
     assert hero["refine"]["computed"] == 2 and hero["upscale"]["computed"] == 2  # and everything after refine
+
+
+# ------------------------------------------------------------------------------------ exact reuse
+def test_unchanged_rerun_makes_no_model_calls(e2e) -> None:
+    cold, rerun = e2e["model_calls"]
+    # cold: mood board, then per deliverable draft, select, refine, inpaint, upscale (+ face restore for hero)
+    assert cold == 1 + 6 + 5 and e2e["by_stage"][0]["draft"] == 2
+    assert rerun == 0, e2e["by_stage"][1]
+
+
+def test_unchanged_rerun_wall_is_a_small_fraction_of_the_cold_run(e2e) -> None:
+    cold, rerun = (_run_wall(e2e["home"], r) for r in e2e["runs"][:2])
+    # Issue 4: <= 5 %. Measured here: ~1-3 % (bench/README.md); the margin absorbs a loaded CI machine,
+    # where one slow store or Prefect round trip must not fail the test.
+    assert rerun <= 0.05 * cold + 1.0, (rerun, cold)
+
+
+def test_changing_only_keep_reruns_selection_and_after_not_drafts(e2e) -> None:
+    edited = e2e["brief"].parent / "keep.yaml"
+    edited.write_text(e2e["brief"].read_text().replace("drafts: 4\n    keep: 2", "drafts: 4\n    keep: 1"))
+    calls = _run(e2e["runner"], str(edited), "--home", str(e2e["home"]))
+    from flows.tasks import MODEL_CALLS
+
+    assert "draft" not in MODEL_CALLS.by_stage and "moodboard" not in MODEL_CALLS.by_stage
+    assert MODEL_CALLS.by_stage["select"] == 1 and calls == 1 + 4  # hero: select, refine, inpaint, face, upscale
+    data = _latest_report(e2e)
+    hero, square = data["deliverables"]["hero"]["stages"], data["deliverables"]["square"]["stages"]
+    assert hero["draft"] == {"computed": 0, "reused": 4, "seconds": pytest.approx(hero["draft"]["seconds"])}
+    assert hero["select"]["computed"] == 1 and hero["refine"]["computed"] == 1 and hero["upscale"]["computed"] == 1
+    assert all(v["computed"] == 0 for v in square.values()), square
+
+
+def test_force_recomputes_from_a_stage_on(e2e) -> None:
+    from flows.tasks import MODEL_CALLS
+
+    calls = _run(e2e["runner"], str(e2e["brief"]), "--home", str(e2e["home"]), "--force", "upscale")
+    assert dict(MODEL_CALLS.by_stage) == {"upscale": 2} and calls == 2
+    stages = {name: d["stages"] for name, d in _latest_report(e2e)["deliverables"].items()}
+    for name, n in (("hero", 2), ("square", 1)):
+        assert stages[name]["upscale"]["computed"] == n, stages[name]
+        assert all(v["computed"] == 0 for k, v in stages[name].items() if k != "upscale"), stages[name]
+
+
+def test_force_with_an_unknown_stage_is_a_usage_error(e2e) -> None:
+    res = e2e["runner"].invoke(app, ["run", str(e2e["brief"]), "--home", str(e2e["home"]), "--force", "polish"])
+    assert res.exit_code == 2 and "--force: unknown stage 'polish'" in res.output
+
+
+# -------------------------------------------------------------------------------------------- retries
+@pytest.fixture
+def draft_in_flow(e2e, monkeypatch):
+    """Run the e2e brief's ``square`` draft task (forced, so it calls the stage) in a flow, with
+    ``generate_drafts`` replaced by ``fake``; returns (result or exception, the requests it saw)."""
+    from prefect import flow
+
+    from atelier.brief import load_brief
+    from flows import tasks
+    from store import lineage
+
+    campaign = load_brief(e2e["brief"])
+    seen = []
+    real = tasks.draft_stage.generate_drafts
+
+    def run(fake):
+        def spy(req, on_progress=None):
+            seen.append(req)
+            return fake(len(seen), req) or real(req, on_progress=on_progress)
+
+        monkeypatch.setattr(tasks.draft_stage, "generate_drafts", spy)
+        run_id = f"retry-{len(seen)}-{id(fake)}"
+        lineage.start_run(open_store(e2e["home"]), run_id, "e2e", str(e2e["brief"]), campaign.sha256, "tiny", {})
+        ctx = tasks.RunContext(run_id=run_id, home=str(e2e["home"]), store_url=None, profile="tiny",
+                               stages=campaign.brief.stages, brief_root=str(campaign.root), force="draft")
+
+        @flow(name="retry-probe")
+        def probe():
+            return tasks.draft_task.with_options(retry_delay_seconds=0)(ctx, campaign, "square")
+
+        try:
+            return probe(), seen
+        except Exception as exc:  # noqa: BLE001
+            return exc, seen
+
+    return run
+
+
+def test_transient_io_error_is_retried(draft_in_flow) -> None:
+    def flaky(n, req):
+        if n == 1:
+            raise OSError(5, "Input/output error")
+
+    result, seen = draft_in_flow(flaky)
+    assert len(seen) == 2 and isinstance(result, list) and len(result) == 3
+
+
+def test_cuda_out_of_memory_is_retried_with_half_the_batch(draft_in_flow) -> None:
+    class OutOfMemoryError(RuntimeError):  # what torch.OutOfMemoryError looks like to the retry policy
+        pass
+
+    def oom(n, req):
+        if n == 1:
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    result, seen = draft_in_flow(oom)
+    assert isinstance(result, list) and [r.batch_size for r in seen] == [4, 2]
+
+
+def test_bad_input_is_not_retried(draft_in_flow) -> None:
+    def bad(n, req):
+        raise ValueError("scheduler 'lcm' cannot run guidance 0.5")
+
+    result, seen = draft_in_flow(bad)
+    assert isinstance(result, ValueError) and len(seen) == 1

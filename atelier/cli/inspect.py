@@ -31,71 +31,120 @@ def runs(home: Optional[Path] = HomeOpt, store_url: Optional[str] = StoreOpt, as
     out.print(table)
 
 
-def _show_report(home, store_url, run_id: Optional[str], as_json: bool) -> None:
+def _show_report(home, store_url, run_id: Optional[str], as_json: bool, html: Optional[Path] = None) -> None:
     from atelier.report import run_report
     from store import queries
     from store.schema import Run
 
+    if html is not None and not html.parent.is_dir():
+        _fail(f"--html: {html}: folder {html.parent} does not exist")
     st = _open(home, store_url)
     with st.sessions() as s:
         run_row = s.get(Run, run_id) if run_id else queries.latest_run(s)
         if run_row is None:
             _fail(f"no run {run_id!r} in {st.url} (see `atelier runs`)" if run_id else "no runs yet")
         data = run_report(s, run_row)
+        if html is not None:
+            from atelier.contact_sheet import render_html, sheet_data, write_page
+
+            write_page(render_html(sheet_data(s, run_row), st.files.path), html)
     if as_json:
-        return _print_json(data)
+        return _print_json({**data, **({"html": str(html)} if html is not None else {})})
+    _print_report(data, st.home)
+    if html is not None:
+        out.print(f"contact sheet: {escape(str(html))}", highlight=False)
+
+
+def _print_report(data: dict, home: Path) -> None:
+    """Per deliverable a tree (mood board → drafts → each stage → finals), then the run's summary tables."""
     r = data["run"]
-    note = " [yellow]— random-weight test models: images are noise, the pipeline is real[/]" if r["random_weights"] else ""
-    tree = Tree(f"[bold]run {r['id']}[/] · {r['campaign']} · profile {r['profile']} · {r['status']}{note}")
+    out.print(f"[bold]run {r['id']}[/] · {escape(r['campaign'])} · profile {r['profile']} · {r['status']}",
+              highlight=False)
+    if r["random_weights"]:
+        out.print("[yellow]random-weight test models: images are noise, the pipeline is real[/]")
     for name, d in data["deliverables"].items():
-        times = ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in d["stages"].items())
-        node = tree.add(f"[bold]{name}[/]  [dim]{times}[/]")
-        drafts = node.add(f"drafts ({len(d.get('draft', []))})")
-        for x in d.get("draft", []):
-            mark = f"[green]✓ kept #{x['rank']}[/]" if x.get("kept") else ""
-            score = (f"prompt {x['prompt_score']:+.3f} · mood {x['moodboard_score']:+.3f} · total {x['total']:+.3f}"
-                     if "total" in x else "")
-            drafts.add(f"{x['key'][:10]} seed {x['seed']} {x['width']}x{x['height']}  {score} {mark}")
-        for stage in ("refine", "inpaint", "face_restore", "upscale"):
-            if stage in d:
-                sub = node.add(f"{stage} ({len(d[stage])})")
-                for x in d[stage]:
-                    extra = f" faces {len(x['faces'])}" if stage == "face_restore" else ""
-                    final = f" → [cyan]{x['final']}[/]" if x.get("final") else ""
-                    sub.add(f"{x['key'][:10]} {x['width']}x{x['height']}{extra}{final}")
-    out.print(tree)
-    cost = Table("deliverable", "device seconds", "drafts share", "vs all at full quality", title="cost (device time)")
+        drafts = d.get("draft", [])
+        names = {x["key"]: f"draft #{x['index']}" for x in drafts}
+        names.update({x["key"]: names.get(x.get("from"), x["key"][:10]) for x in d.get("select", [])})
+        # Each chain in the order of its draft's rank (#1 first), following ``from`` links.
+        rank = {x["key"]: x.get("rank") or 99 for x in drafts}
+        for stage in ("select", "refine", "inpaint", "face_restore", "upscale"):
+            for x in d.get(stage, []):
+                rank[x["key"]] = rank.get(x.get("from"), 99)
+            d.get(stage, []).sort(key=lambda x: (rank[x["key"]], x["key"]))
+        wall = sum(v["seconds"] for v in d["stages"].values())
+        tree = Tree(f"[bold]{escape(name)}[/] · {wall:.1f} s wall · {d['cost']['total_s']:.1f} s device",
+                    guide_style="dim")
+        refs = ", ".join(Path(str(x["source"])).name for x in d["moodboard"])
+        tree.add(f"mood board · {len(d['moodboard'])} refs: {escape(refs)}")
+        for stage in ("draft", "select", "refine", "inpaint", "face_restore", "upscale"):
+            if stage not in d:
+                continue
+            st = d["stages"].get(stage, {})
+            label = {"draft": "drafts", "select": "selection"}.get(stage, stage)
+            node = tree.add(f"[bold]{label}[/] {len(d[stage])} · {st.get('seconds', 0):.1f} s · "
+                            f"cost {d['cost']['per_stage_s'].get(stage, 0):.1f} s"
+                            + (f" · {st['reused']} reused" if st.get("reused") else ""))
+            if stage == "select":
+                continue  # the kept marks are on the drafts
+            for x in d[stage]:
+                if stage == "draft":
+                    score = (f" · prompt {x['prompt_score']:+.3f} · mood {x['moodboard_score']:+.3f}"
+                             if "total" in x else "")
+                    kept = f" [green]✓ kept #{x['rank']}[/]" if x.get("kept") else ""
+                    node.add(f"#{x['index']} seed {x['seed']}{score}{kept}")
+                    continue
+                src = names.get(x.get("from"), (x.get("from") or "")[:10])
+                extra = f" · faces {len(x['faces'])}" if stage == "face_restore" else ""
+                node.add(f"{x['key'][:10]} ← {src} · {x['width']}x{x['height']}{extra}")
+                names[x["key"]] = x["key"][:10]
+        finals = tree.add(f"[bold]finals[/] {len(d['finals'])}")
+        for x in sorted(d["finals"], key=lambda x: x["final"]):
+            finals.add(f"[cyan]{escape(_rel(x['final'], home))}[/] ← {x['key'][:10]} · {x['width']}x{x['height']}")
+        out.print(tree)
+    summary = Table("deliverable", "drafts", "kept", "finals", "wall s", "device s", "saved", title="summary")
     for name, d in data["deliverables"].items():
         c = d["cost"]
-        saving = (f"{c['savings_vs_full_quality']:+.0%} saved ({c['full_quality_estimate_s']:.1f}s if every draft "
-                  "were refined)" if c["savings_vs_full_quality"] is not None else "")
-        cost.add_row(name, f"{c['total_s']:.2f}", f"{c['draft_share']:.0%}" if c["draft_share"] is not None else "",
-                     saving)
-    out.print(cost)
+        summary.add_row(name, str(len(d.get("draft", []))), str(sum(1 for x in d.get("draft", []) if x.get("kept"))),
+                        str(len(d["finals"])), f"{sum(v['seconds'] for v in d['stages'].values()):.1f}",
+                        f"{c['total_s']:.1f}",
+                        f"{c['savings_vs_full_quality']:+.0%}" if c["savings_vs_full_quality"] is not None else "")
+    out.print(summary)
+    out.print("[dim]saved: device time vs refining every draft at full quality[/]")
     table = Table("stage", "assets", "computed", "reused", "seconds", title="per stage")
     for stage, v in data["stages"].items():
         table.add_row(stage, str(v["assets"]), str(v["computed"]), str(v["reused"]), f"{v['seconds']:.2f}")
     out.print(table)
 
 
+def _rel(path: str, home: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(home).resolve()))
+    except ValueError:
+        return path
+
+
 @app.command()
 def report(run_id: Optional[str] = typer.Argument(None, help="run id; default the latest run"),
-           home: Optional[Path] = HomeOpt, store_url: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
-    """Per deliverable: drafts → scores → kept → refined → post-edit outputs, with times per stage."""
-    _show_report(home, store_url, run_id, as_json)
+           home: Optional[Path] = HomeOpt, store_url: Optional[str] = StoreOpt, as_json: bool = JsonOpt,
+           html: Optional[Path] = typer.Option(None, "--html", help="also write the run's contact sheet (HTML)"),
+           ) -> None:
+    """Per deliverable: mood board → drafts (scores, kept) → refined → post-edit → finals; time and cost."""
+    _show_report(home, store_url, run_id, as_json, html)
 
 
 @app.command()
 def lineage(ref: str = typer.Argument(..., help="asset key (or a unique prefix) or an image file atelier made"),
             home: Optional[Path] = HomeOpt, store_url: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
-    """Where did this file come from: the ancestry chain down to prompt, seed, draft and references.
+    """Where did this file come from: the ancestry down to the roots, with what changed at each step.
 
-    A file is looked up by its content in the store; a file the store does not know (a copy on another
-    machine, a JPEG / WebP delivery, no store at all) is read from the lineage it carries itself
-    (PNG chunk, XMP, or its ``.json`` sidecar).
+    A file is looked up by its content in the store, else by the key it carries (a signed delivery);
+    a file the store does not know (a copy on another machine, a JPEG / WebP delivery, no store at
+    all) is read from the lineage it carries itself (PNG chunk, XMP, or its ``.json`` sidecar).
+    A file with C2PA content credentials also shows them, validated.
     """
     from atelier import metadata
-    from atelier.report import SHOWN, lineage_dict
+    from atelier.report import annotate_changes, lineage_dict
     from atelier.settings import home_dir
     from store import open_store, queries
 
@@ -103,15 +152,18 @@ def lineage(ref: str = typer.Argument(..., help="asset key (or a unique prefix) 
     h, path = home_dir(home), Path(ref)
     has_store = bool(store_url) or (h / "lineage.db").exists()
     data, origin, carrier, where = None, "store", None, store_url or str(h / "lineage.db")
+    found = metadata.read_embedded(path) if path.is_file() else None
     if has_store:
         st = open_store(h, store_url)
         where = st.url
         with st.sessions() as s:
             asset = queries.find_asset(s, ref)
+            if asset is None and found is not None:
+                asset = queries.find_asset(s, found.doc["key"])  # the delivered copy of a stored asset
             if asset is not None:
                 data = lineage_dict(queries.ancestry(s, asset.key))
     # 2. Else the lineage the file carries (a copy elsewhere, a JPEG / WebP delivery, no store at all).
-    if data is None and path.is_file() and (found := metadata.read_embedded(path)) is not None:
+    if data is None and found is not None:
         data, origin, carrier = metadata.lineage_tree(found.doc), "embedded metadata", found.carrier
     if data is None:
         if not path.is_file():
@@ -120,22 +172,76 @@ def lineage(ref: str = typer.Argument(..., help="asset key (or a unique prefix) 
         none_carried = "the file carries no atelier lineage (PNG chunk, XMP or .json sidecar)"
         _fail(f"{ref}: no asset with this file content in {where}, and {none_carried}" if has_store
               else f"{ref}: {none_carried}, and there is no lineage store at {where}")
+    annotate_changes(data)
+    creds = _credentials(path) if path.is_file() else None
     if as_json:
-        return _print_json({**data, "from": origin, **({"carrier": carrier} if carrier else {})})
-
-    def add(parent: Tree | None, node: dict) -> Tree:
-        params = node["params"]
-        shown = ", ".join(f"{k}={params[k]!r}" for k in SHOWN.get(node["stage"], []) if k in params)
-        model = (node.get("model") or {})
-        model_name = model.get("name") or (model.get("pipeline") or {}).get("name")
-        label = (f"[bold]{node['stage']}[/] {node['key'][:12]}" + (f" [dim]({node['role']})[/]" if node["role"] else "")
-                 + (f" {node['width']}x{node['height']}" if node["width"] else "") + (f" · {shown}" if shown else "")
-                 + (f" · model {model_name}" if model_name else ""))
-        t = Tree(label) if parent is None else parent.add(label)
-        for p in node["parents"]:
-            add(t, p)
-        return t
-
+        return _print_json({**data, "from": origin, **({"carrier": carrier} if carrier else {}),
+                            **({"credentials": creds} if creds else {})})
     if carrier:
         out.print(f"[dim](from embedded metadata: {escape(carrier)})[/]", highlight=False)
-    out.print(add(None, data))
+    if creds:
+        state = creds["validation_state"] + ("; signer untrusted" if creds["untrusted"] else "")
+        out.print(f"C2PA: signed by {escape(str(creds['signer']))} ({state}) · {creds['digital_source_type']} · "
+                  f"{len(creds['ingredients'])} ingredients", highlight=False)
+    out.print(_lineage_tree(None, data))
+
+
+def _lineage_tree(parent: Tree | None, node: dict, seen: set[str] | None = None) -> Tree:
+    """One line per asset: stage, key, role, size, then what it changed relative to its source.
+
+    An ancestor met before (the style references of both refine and inpaint) is named, not repeated.
+    """
+    seen = set() if seen is None else seen
+    head = f"[bold]{node['stage']}[/] {node['key'][:10]}" + (f" [dim]({node['role']})[/]" if node["role"] else "")
+    if node["key"] in seen:
+        label = head + " [dim]· as above[/]"
+    else:
+        seen.add(node["key"])
+        changed = []
+        for k, (before, after) in node.get("changed", {}).items():
+            if k == "size" or k == "model":
+                continue  # on the line already
+            changed.append(f"{k} {_short(before)}→{_short(after)}" if before is not None else f"{k}={_short(after)}")
+        model = node.get("changed", {}).get("model")
+        label = (head + (f" {node['width']}x{node['height']}" if node["width"] else "")
+                 + (f" · {escape(', '.join(changed))}" if changed else "")
+                 + (f" · model {escape(model[1])}" if model else ""))
+    t = Tree(label, guide_style="dim") if parent is None else parent.add(label)
+    if label.endswith("as above[/]"):
+        return t
+    for p in node["parents"]:
+        _lineage_tree(t, p, seen)
+    return t
+
+
+def _short(value, limit: int = 32) -> str:
+    if isinstance(value, float):
+        text = f"{value:.4g}"
+    elif isinstance(value, int):
+        text = str(value)
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 2] + "…" + text[-1]
+
+
+def _credentials(path: Path) -> dict | None:
+    """The file's C2PA manifest, summarised and validated (None when it carries none or cannot hold one)."""
+    from atelier import credentials
+
+    try:
+        c = credentials.read_credentials(path)
+    except Exception as exc:  # noqa: BLE001 - a damaged manifest is worth a line, not a traceback
+        return {"validation_state": "Invalid", "error": str(exc), "signer": None, "untrusted": False,
+                "digital_source_type": None, "ingredients": [], "errors": []}
+    if c is None:
+        return None
+    created = next((a for a in c.actions() if a.get("action") == "c2pa.created"), {})
+    codes = [e.get("code") for e in c.validation_errors]
+    return {"validation_state": c.validation_state, "signer": c.signer,
+            "untrusted": "signingCredential.untrusted" in codes,
+            "errors": [x for x in codes if x != "signingCredential.untrusted"],
+            "digital_source_type": (created.get("digitalSourceType") or "").rsplit("/", 1)[-1] or None,
+            "model": (created.get("softwareAgent") or {}).get("name"),
+            "ingredients": [{"title": i.get("title"), "relationship": i.get("relationship"),
+                             "key": str(i.get("instance_id", "")).removeprefix("atelier:")}
+                            for i in c.manifest.get("ingredients", [])]}

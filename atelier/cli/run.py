@@ -74,6 +74,12 @@ def run(
     store_url: Optional[str] = StoreOpt,
     assets_url: Optional[str] = AssetsOpt,
     report: bool = typer.Option(True, "--report/--no-report", help="print the run report at the end"),
+    force: Optional[str] = typer.Option(None, "--force", metavar="STAGE",
+                                        help="recompute STAGE and every later stage even where stored: moodboard, "
+                                             "draft, select, refine, inpaint, face_restore, upscale"),
+    task_runner: str = typer.Option("sequential", "--task-runner",
+                                    help="sequential (one process) or dask (a local Dask cluster, prefect-dask)"),
+    workers: int = typer.Option(2, "--workers", min=1, help="Dask worker processes (with --task-runner dask)"),
 ) -> None:
     """Run a brief through all five stages as a Prefect flow."""
     from atelier.brief import load_brief
@@ -85,6 +91,13 @@ def run(
         _fail(str(exc))
     if profile is not None and profile not in PROFILES:
         _fail(f"--profile: unknown profile {profile!r}; known: {', '.join(PROFILES)}")
+    from flows import STAGES
+
+    force = {"face": "face_restore", "face-restore": "face_restore", "mood-board": "moodboard"}.get(force, force)
+    if force is not None and force not in STAGES:
+        _fail(f"--force: unknown stage {force!r}; known: {', '.join(STAGES)}")
+    if task_runner not in ("sequential", "dask"):
+        _fail(f"--task-runner: unknown {task_runner!r}; known: sequential, dask")
     h = home_dir(home)
     prof = PROFILES[profile or campaign.brief.profile]
     prepare_environment(h, offline_models=True)
@@ -108,11 +121,12 @@ def run(
                   console=out, transient=False) as bar:
         with progress_mod.reporting(_RichReporter(bar)):
             bar.console.print("[dim]starting Prefect (embedded server unless PREFECT_API_URL is set)…")
-            from flows.campaign import campaign_flow
+            from flows.campaign import campaign_flow_for
 
             try:
-                campaign_flow(brief_path=str(brief), home=str(h), run_id=run_id, profile=prof.name, store_url=store_url,
-                              assets_url=assets_url)
+                campaign_flow_for(task_runner, workers)(
+                    brief_path=str(brief), home=str(h), run_id=run_id, profile=prof.name, store_url=store_url,
+                    assets_url=assets_url, force=force, submit=task_runner == "dask")
             except BriefError as exc:
                 _fail(str(exc))
             except Exception as exc:  # noqa: BLE001 - recorded in the store; show one line and fail

@@ -1,0 +1,159 @@
+"""The contact sheet of a run: one self-contained HTML page a reviewer opens from a file or an e-mail.
+
+Per deliverable: the mood board, the draft grid with CLIP scores and the kept ones marked, and the
+finals; clicking a final opens its lineage (``<details>``: no script). Images are embedded as small
+JPEG thumbnails (``data:`` URIs), styles inline: the page loads nothing from anywhere.
+
+Built from the lineage store and the asset files only (``atelier.report.run_report`` + ancestry walks).
+A Markdown twin (``markdown_sheet``) is what the Prefect artifact shows.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+
+from atelier.report import annotate_changes, lineage_dict, run_report
+
+THUMB = 192  # px, long side of an embedded thumbnail
+FINAL_THUMB = 384
+
+CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
+h1{font-size:20px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 4px;border-bottom:1px solid #ccc}
+h3{font-size:14px;margin:14px 0 6px;color:#555} .meta,.prompt{color:#666;margin:0}
+.grid{display:flex;flex-wrap:wrap;gap:10px} figure{margin:0;background:#fff;border:2px solid #ddd;padding:4px}
+figure img,summary img{display:block;max-width:192px;max-height:192px}
+figure.draft img{width:160px;height:auto;max-width:none;image-rendering:pixelated}
+figure.kept{border-color:#2a8a3a} figcaption{font-size:12px;color:#444;max-width:192px}
+.kept-mark{color:#2a8a3a;font-weight:bold} .note{color:#a60}
+details.final{display:inline-block;vertical-align:top;margin:0 10px 10px 0;background:#fff;border:2px solid #36c;
+padding:4px} details.final summary{cursor:pointer;list-style:none} details.final summary img{max-width:384px;
+max-height:384px} .lineage{font:12px/1.35 ui-monospace,monospace;max-width:560px} .lineage ul{margin:0;
+padding-left:16px} .changed{color:#555}
+"""
+
+
+def thumbnail(path: Path, size: int = THUMB) -> str:
+    """A ``data:`` URI of a JPEG thumbnail of ``path`` (long side at most ``size``).
+
+    A file that cannot be read (deleted, on a store this machine cannot reach) gives a grey
+    placeholder: a missing thumbnail must not fail a run or hide the rest of the sheet.
+    """
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((size, size), Image.Resampling.LANCZOS)
+    except OSError:
+        im = Image.new("RGB", (size // 4, size // 4), (200, 200, 200))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=82)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def sheet_data(session, run) -> dict:
+    """``run_report`` plus, per final, its lineage tree with what changed at each step."""
+    from store import queries
+
+    data = run_report(session, run)
+    for d in data["deliverables"].values():
+        for f in d["finals"]:
+            f["lineage"] = annotate_changes(lineage_dict(queries.ancestry(session, f["key"])))
+    return data
+
+
+def render_html(data: dict, path_of: Callable[[str], Path]) -> str:
+    """The page for ``sheet_data(...)``; ``path_of`` maps a stored asset path to a local file (``store.files.path``)."""
+    e = html.escape
+    r = data["run"]
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>atelier · {e(r['campaign'])} · "
+             f"run {e(r['id'])}</title><style>{CSS}</style></head><body>",
+             f"<h1>{e(r['campaign'])} — run {e(r['id'])}</h1>",
+             f"<p class='meta'>profile {e(r['profile'])} · started {e(r['started_at'].replace('T', ' '))} UTC</p>"]
+    if r.get("random_weights"):
+        parts.append("<p class='note'>random-weight test models: the images are noise, the pipeline is real</p>")
+    for name, d in data["deliverables"].items():
+        drafts = d.get("draft", [])
+        kept = sum(1 for x in drafts if x.get("kept"))
+        prompt = next((x["prompt"] for x in drafts if x.get("prompt")), None)
+        parts.append(f"<section class='deliverable' id='d-{e(name)}'><h2>{e(name)}</h2>")
+        if prompt:
+            parts.append(f"<p class='prompt'>{e(prompt)}</p>")
+        parts.append(f"<h3>Mood board ({len(d['moodboard'])} references)</h3><div class='grid moodboard'>")
+        for ref in d["moodboard"]:
+            src = thumbnail(path_of(ref["path"]))
+            parts.append(f"<figure class='ref'><img alt='{e(str(ref['source']))}' src='{src}'><figcaption>"
+                         f"{e(str(ref['source']))}</figcaption></figure>")
+        parts.append(f"</div><h3>Drafts ({len(drafts)}, {kept} kept)</h3><div class='grid drafts'>")
+        for x in drafts:
+            score = (f"<br>prompt {x['prompt_score']:+.3f} · mood {x['moodboard_score']:+.3f}"
+                     f"<br>total {x['total']:+.3f}" if "total" in x else "")
+            mark = f"<br><span class='kept-mark'>✓ kept #{x['rank']}</span>" if x.get("kept") else ""
+            parts.append(f"<figure class='draft{' kept' if x.get('kept') else ''}' data-key='{e(x['key'])}'>"
+                         f"<img alt='draft seed {x['seed']}' src='{thumbnail(path_of(x['path']))}'>"
+                         f"<figcaption>#{x.get('index')} seed {x['seed']}{score}{mark}</figcaption></figure>")
+        parts.append(f"</div><h3>Finals ({len(d['finals'])}) — click one for its lineage</h3><div class='finals'>")
+        for f in d["finals"]:
+            label = f"{Path(f['final']).name} · {f['width']}x{f['height']}"
+            parts.append(f"<details class='final' data-key='{e(f['key'])}'><summary>"
+                         f"<img alt='{e(label)}' src='{thumbnail(path_of(f['path']), FINAL_THUMB)}'>"
+                         f"{e(label)}</summary>"
+                         f"<div class='lineage'><ul>{_lineage_html(f['lineage'])}</ul></div></details>")
+        parts.append("</div></section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _lineage_html(node: dict) -> str:
+    e = html.escape
+    role = f" ({e(node['role'])})" if node["role"] else ""
+    changed = ", ".join(f"{e(k)}={e(_short(v[1]))}" for k, v in node.get("changed", {}).items())
+    kids = "".join(_lineage_html(p) for p in node["parents"])
+    return (f"<li><b>{e(node['stage'])}</b> {e(node['key'][:12])}{role}"
+            + (f" <span class='changed'>{changed}</span>" if changed else "")
+            + (f"<ul>{kids}</ul>" if kids else "") + "</li>")
+
+
+def _short(value, limit: int = 60) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def markdown_sheet(data: dict, path_of: Callable[[str], Path], deliverable: str) -> str:
+    """One deliverable's part of the sheet as Markdown (Prefect artifacts render Markdown, not HTML)."""
+    d = data["deliverables"][deliverable]
+    r = data["run"]
+    lines = [f"# {r['campaign']} / {deliverable} — run {r['id']}", "", "## Mood board", ""]
+    lines += [f"![{ref['source']}]({thumbnail(path_of(ref['path']), 96)})" for ref in d["moodboard"]]
+    lines += ["", "## Drafts", "", "| draft | seed | prompt | mood board | total | kept |", "|---|---|---|---|---|---|"]
+    for x in d.get("draft", []):
+        scores = [f"{x[k]:+.3f}" if k in x else "" for k in ("prompt_score", "moodboard_score", "total")]
+        lines.append(f"| ![draft]({thumbnail(path_of(x['path']), 96)}) | {x['seed']} | {' | '.join(scores)} | "
+                     f"{'✓ #' + str(x['rank']) if x.get('kept') else ''} |")
+    lines += ["", "## Finals", ""]
+    for f in d["finals"]:
+        lines += [f"### {Path(f['final']).name} ({f['width']}x{f['height']})", "",
+                  f"![final]({thumbnail(path_of(f['path']), 256)})", ""]
+        node = f["lineage"]
+        while node is not None:
+            changed = ", ".join(f"{k}={_short(v[1], 40)}" for k, v in node.get("changed", {}).items())
+            lines.append(f"- **{node['stage']}** `{node['key'][:12]}` {changed}")
+            node = next((p for p in node["parents"] if p["role"] in ("source", "init")), None)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_page(page: str, target: Path) -> Path:
+    """Write ``page`` to ``target`` atomically (a reader never sees half a page)."""
+    import os
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, target)
+    return target

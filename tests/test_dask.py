@@ -1,0 +1,55 @@
+"""Scale-out: a small campaign on a local Dask cluster (prefect-dask), each task in a worker process."""
+
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from atelier.cli import app
+from store import open_store
+from store.schema import Run, RunAsset
+from tests.conftest import write_brief
+
+BRIEF = """\
+campaign: dask
+profile: tiny
+seed: 11
+brand:
+  style_refs: [refs/*.jpg]
+deliverables:
+  - name: one
+    prompt: "a lighthouse at dusk"
+    drafts: 2
+    keep: 1
+    size: 128x128
+  - name: two
+    prompt: "a bowl of lemons"
+    aspect: "4:5"
+    drafts: 2
+    keep: 1
+    size: 128x160
+"""
+
+
+def test_a_campaign_runs_on_a_local_dask_cluster(prefect_server, brief_dir, tmp_path) -> None:
+    from flows.tasks import MODEL_CALLS
+
+    brief = write_brief(brief_dir, BRIEF)
+    home = tmp_path / "home"
+    runner = CliRunner()
+    MODEL_CALLS.reset()
+    res = runner.invoke(app, ["run", str(brief), "--home", str(home), "--task-runner", "dask", "--workers", "2",
+                              "--no-report"])
+    assert res.exit_code == 0, res.output
+    assert MODEL_CALLS.count == 0  # every model call happened in a Dask worker process, none in this one
+    data = json.loads(runner.invoke(app, ["report", "--home", str(home), "--json"]).output)
+    assert data["run"]["status"] == "completed"
+    for name, size in (("one", [128, 128]), ("two", [128, 160])):
+        stages = data["deliverables"][name]["stages"]
+        assert stages["draft"]["computed"] == 2 and stages["select"]["computed"] == 1 and stages["refine"]["computed"] == 1
+    with open_store(home).sessions() as s:
+        finals = s.scalars(select(RunAsset).where(RunAsset.run_id == data["run"]["id"], RunAsset.final)).all()
+        assert s.get(Run, data["run"]["id"]).info["task_runner"] == "dask"
+    assert sorted(f.export_path.rsplit("/", 1)[1] for f in finals) == ["one-1.png", "two-1.png"]

@@ -35,7 +35,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from atelier import metadata, progress
+from atelier import credentials, metadata, progress
 from atelier.brief import Campaign, Deliverable, Stages, apply_overrides, fit_to_area
 from atelier.errors import BriefError
 from atelier.keys import asset_key, derive_seed

@@ -330,19 +330,26 @@ def _store_path(run, key: str) -> str:
 
 
 def test_asset_bytes_depend_on_the_recipe_only(run) -> None:
-    """The PNG is what its recipe and its ancestors' rows give, re-encoded: no run id, no timings."""
+    """The PNG is what its recipe and its ancestors' rows give, re-encoded: no run id, no timings.
+
+    (The asset file in the store; the delivered final is its C2PA-signed copy, with the same chunks.)
+    """
     from store import open_store
     from store.schema import RunAsset
 
     st = open_store(run["home"])
+    key = metadata.read_embedded(run["final"]).doc["key"]
     with st.sessions() as s:
-        doc = metadata.doc_from_store(s, metadata.read_embedded(run["final"]).doc["key"])
+        doc = metadata.doc_from_store(s, key)
         run_ids = {ra.run_id for ra in s.query(RunAsset)}
-    with Image.open(run["final"]) as im:
+    asset = run["home"] / _store_path(run, key)
+    with Image.open(asset) as im:
         chunk = im.info["atelier"]
         pixels = im.copy()
+    with Image.open(run["final"]) as im:
+        assert im.info["atelier"] == chunk and im.tobytes() == pixels.tobytes()
     assert json.loads(chunk) == doc and not any(r in chunk for r in run_ids)
-    assert png_bytes(pixels, metadata.png_text(doc), compress_level=3) == run["final"].read_bytes()
+    assert png_bytes(pixels, metadata.png_text(doc), compress_level=3) == asset.read_bytes()
 
 
 def test_export_writes_a_sidecar_beside_each_final(run) -> None:

@@ -62,6 +62,8 @@ def run_report(session: Session, run: Run) -> dict:
 
     drafts = [a for _, a in members if a.stage == "draft"]
     scores = queries.scores_by_draft(session, [a.key for a in drafts])
+    # A draft may be scored by several selections (keep changed between runs): show this run's decision.
+    decisions = {a.params.get("decision") for _, a in members if a.stage == "select"}
     finals = {ra.asset_key: ra.export_path for ra, _ in members if ra.final}
     for _, a in sorted(members, key=lambda m: (CHAIN.index(m[1].stage) if m[1].stage in CHAIN else -1, m[1].key)):
         if a.deliverable is None or a.stage not in CHAIN:
@@ -72,7 +74,7 @@ def run_report(session: Session, run: Run) -> dict:
             item["seed"] = a.params.get("seed")
             item["prompt"] = a.params.get("prompt")
             item["index"] = a.params.get("index")
-            sc = max(scores.get(a.key, []), key=lambda s: s.kept, default=None)
+            sc = next((s for s in scores.get(a.key, []) if s.decision in decisions), None)
             if sc is not None:
                 item.update(prompt_score=round(sc.prompt_score, 4), moodboard_score=round(sc.moodboard_score, 4),
                             total=round(sc.total, 4), kept=sc.kept, rank=sc.rank)

@@ -63,7 +63,7 @@ def run(prefect_server, models_dir, tmp_path_factory):
     assert res.exit_code == 0, res.output
     with open_store(home).sessions() as s:
         run_id = s.scalars(select(Run.id)).one()
-    return {"home": home, "run_id": run_id, "runner": runner}
+    return {"home": home, "run_id": run_id, "runner": runner, "brief": folder / "brief.yaml"}
 
 
 def _cli(run, *args: str, columns: int = 80):
@@ -336,3 +336,17 @@ def test_a_configured_certificate_signs_and_a_half_configuration_is_refused(tmp_
         credentials.signing_config(tmp_path / "home")
     monkeypatch.setenv("ATELIER_C2PA", "off")
     assert credentials.signing_config(tmp_path / "home") is None
+
+
+# --------------------------------------------------------------- last: a second run changes the store
+def test_report_marks_what_each_run_kept(run) -> None:
+    """keep 2 -> 1: the drafts are reused and scored again; each run's report shows its own selection."""
+    edited = run["brief"].with_name("keep-one.yaml")
+    edited.write_text(run["brief"].read_text().replace("drafts: 4\n    keep: 2", "drafts: 4\n    keep: 1"))
+    res = run["runner"].invoke(app, ["run", str(edited), "--home", str(run["home"]), "--no-report"])
+    assert res.exit_code == 0, res.output
+    latest, first = _json(run, "report"), _json(run, "report", run["run_id"])
+    assert latest["run"]["id"] != run["run_id"]
+    kept = [[d["rank"] for d in r["deliverables"]["hero"]["draft"] if d["kept"]] for r in (first, latest)]
+    assert sorted(kept[0]) == [1, 2] and kept[1] == [1]
+    assert latest["deliverables"]["hero"]["stages"]["draft"]["computed"] == 0

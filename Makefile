@@ -42,11 +42,13 @@ test-deps:
 test: install test-deps
 	$(PY) -m pytest -q
 
-# The CPU benchmark set (~10 min): results/*.json + a markdown table each; see bench/README.md.
+# The CPU benchmark set (~9 min on 2 cores): results/*.json + a markdown table each, then the combined
+# table (results/summary.md); see bench/README.md.
 bench: install
 	$(PY) -m bench.draft_efficiency
 	$(PY) -m bench.campaign_overhead
 	$(PY) -m bench.upscale
+	$(PY) -m bench.summary
 
 clean:
 	rm -rf .atelier

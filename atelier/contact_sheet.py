@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +46,10 @@ def thumbnail(path: Path, size: int = THUMB) -> str:
     A file that cannot be read (deleted, on a store this machine cannot reach) gives a grey
     placeholder: a missing thumbnail must not fail a run or hide the rest of the sheet.
     """
+    return _data_uri(_thumbnail_jpeg(path, size))
+
+
+def _thumbnail_jpeg(path: Path, size: int) -> bytes:
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
@@ -53,23 +58,75 @@ def thumbnail(path: Path, size: int = THUMB) -> str:
         im = Image.new("RGB", (size // 4, size // 4), (200, 200, 200))
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=82)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
 
 
-def sheet_data(session, run) -> dict:
-    """``run_report`` plus, per final, its lineage tree with what changed at each step."""
+def _data_uri(jpeg: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+
+
+def thumbs_dir(home: Path) -> Path:
+    """Where a home caches its thumbnails (``Thumbnails``)."""
+    return Path(home) / "cache" / "thumbs"
+
+
+class Thumbnails:
+    """Thumbnails of stored assets, cached by content.
+
+    An asset's stored path names its bytes (``assets/ab/<sha256>.png``), so a thumbnail made once is valid
+    forever: it is kept in ``cache_dir`` as ``<sha256>-<size>.jpg`` and a re-run's sheet decodes no 4K PNG
+    (nor fetches a remote asset) again. Paths that are not content-addressed are not cached on disk.
+    """
+
+    def __init__(self, path_of: Callable[[str], Path], cache_dir: Path | None = None) -> None:
+        self.path_of, self.cache_dir = path_of, cache_dir
+        self._memo: dict[tuple[str, int], str] = {}
+
+    def __call__(self, rel_path: str, size: int = THUMB) -> str:
+        if (rel_path, size) not in self._memo:
+            self._memo[rel_path, size] = _data_uri(self._jpeg(rel_path, size))
+        return self._memo[rel_path, size]
+
+    def _jpeg(self, rel_path: str, size: int) -> bytes:
+        sha = Path(rel_path).stem
+        if self.cache_dir is None or not _is_sha256(sha):
+            return _thumbnail_jpeg(self.path_of(rel_path), size)
+        cached = self.cache_dir / f"{sha}-{size}.jpg"
+        if cached.is_file():
+            return cached.read_bytes()
+        local = Path(self.path_of(rel_path))
+        jpeg = _thumbnail_jpeg(local, size)
+        if local.is_file():  # never cache the placeholder of a file that could not be read
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(jpeg)
+            os.replace(tmp, cached)  # concurrent runs write the same bytes
+        return jpeg
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def sheet_data(session, run, only: str | None = None) -> dict:
+    """``run_report`` plus, per final, its lineage tree with what changed at each step (for the finals of
+    deliverable ``only`` alone, when given)."""
     from store import queries
 
     data = run_report(session, run)
-    for d in data["deliverables"].values():
+    for name, d in data["deliverables"].items():
+        if only is not None and name != only:
+            continue
         for f in d["finals"]:
             f["lineage"] = annotate_changes(lineage_dict(queries.ancestry(session, f["key"])))
     return data
 
 
-def render_html(data: dict, path_of: Callable[[str], Path]) -> str:
-    """The page for ``sheet_data(...)``; ``path_of`` maps a stored asset path to a local file (``store.files.path``)."""
+def render_html(data: dict, path_of: Callable[[str], Path], thumbs_dir: Path | None = None) -> str:
+    """The page for ``sheet_data(...)``; ``path_of`` maps a stored asset path to a local file (``store.files.path``);
+    thumbnails are cached in ``thumbs_dir`` when given (see ``Thumbnails``)."""
     e = html.escape
+    thumb = Thumbnails(path_of, thumbs_dir)
     r = data["run"]
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>atelier · {e(r['campaign'])} · "
              f"run {e(r['id'])}</title><style>{CSS}</style></head><body>",
@@ -86,7 +143,7 @@ def render_html(data: dict, path_of: Callable[[str], Path]) -> str:
             parts.append(f"<p class='prompt'>{e(prompt)}</p>")
         parts.append(f"<h3>Mood board ({len(d['moodboard'])} references)</h3><div class='grid moodboard'>")
         for ref in d["moodboard"]:
-            src = thumbnail(path_of(ref["path"]))
+            src = thumb(ref["path"])
             parts.append(f"<figure class='ref'><img alt='{e(str(ref['source']))}' src='{src}'><figcaption>"
                          f"{e(str(ref['source']))}</figcaption></figure>")
         parts.append(f"</div><h3>Drafts ({len(drafts)}, {kept} kept)</h3><div class='grid drafts'>")
@@ -95,13 +152,13 @@ def render_html(data: dict, path_of: Callable[[str], Path]) -> str:
                      f"<br>total {x['total']:+.3f}" if "total" in x else "")
             mark = f"<br><span class='kept-mark'>✓ kept #{x['rank']}</span>" if x.get("kept") else ""
             parts.append(f"<figure class='draft{' kept' if x.get('kept') else ''}' data-key='{e(x['key'])}'>"
-                         f"<img alt='draft seed {x['seed']}' src='{thumbnail(path_of(x['path']))}'>"
+                         f"<img alt='draft seed {x['seed']}' src='{thumb(x['path'])}'>"
                          f"<figcaption>#{x.get('index')} seed {x['seed']}{score}{mark}</figcaption></figure>")
         parts.append(f"</div><h3>Finals ({len(d['finals'])}) — click one for its lineage</h3><div class='finals'>")
         for f in d["finals"]:
             label = f"{Path(f['final']).name} · {f['width']}x{f['height']}"
             parts.append(f"<details class='final' data-key='{e(f['key'])}'><summary>"
-                         f"<img alt='{e(label)}' src='{thumbnail(path_of(f['path']), FINAL_THUMB)}'>"
+                         f"<img alt='{e(label)}' src='{thumb(f['path'], FINAL_THUMB)}'>"
                          f"{e(label)}</summary>"
                          f"<div class='lineage'><ul>{_lineage_html(f['lineage'])}</ul></div></details>")
         parts.append("</div></section>")
@@ -124,21 +181,22 @@ def _short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def markdown_sheet(data: dict, path_of: Callable[[str], Path], deliverable: str) -> str:
+def markdown_sheet(data: dict, path_of: Callable[[str], Path], deliverable: str, thumbs_dir: Path | None = None) -> str:
     """One deliverable's part of the sheet as Markdown (Prefect artifacts render Markdown, not HTML)."""
+    thumb = Thumbnails(path_of, thumbs_dir)
     d = data["deliverables"][deliverable]
     r = data["run"]
     lines = [f"# {r['campaign']} / {deliverable} — run {r['id']}", "", "## Mood board", ""]
-    lines += [f"![{ref['source']}]({thumbnail(path_of(ref['path']), 96)})" for ref in d["moodboard"]]
+    lines += [f"![{ref['source']}]({thumb(ref['path'], 96)})" for ref in d["moodboard"]]
     lines += ["", "## Drafts", "", "| draft | seed | prompt | mood board | total | kept |", "|---|---|---|---|---|---|"]
     for x in d.get("draft", []):
         scores = [f"{x[k]:+.3f}" if k in x else "" for k in ("prompt_score", "moodboard_score", "total")]
-        lines.append(f"| ![draft]({thumbnail(path_of(x['path']), 96)}) | {x['seed']} | {' | '.join(scores)} | "
+        lines.append(f"| ![draft]({thumb(x['path'], 96)}) | {x['seed']} | {' | '.join(scores)} | "
                      f"{'✓ #' + str(x['rank']) if x.get('kept') else ''} |")
     lines += ["", "## Finals", ""]
     for f in d["finals"]:
         lines += [f"### {Path(f['final']).name} ({f['width']}x{f['height']})", "",
-                  f"![final]({thumbnail(path_of(f['path']), 256)})", ""]
+                  f"![final]({thumb(f['path'], 256)})", ""]
         node = f["lineage"]
         while node is not None:
             changed = ", ".join(f"{k}={_short(v[1], 40)}" for k, v in node.get("changed", {}).items())

@@ -261,6 +261,45 @@ def sign_file(source: Path, target: Path, config: SigningConfig, manifest: dict,
     return target
 
 
+def sign_file_once(source: Path, target: Path, config: SigningConfig, manifest: dict,
+                   ingredients: list[Ingredient], stamps: Path) -> bool:
+    """``sign_file``, unless ``target`` already is this very signing; returns whether it signed.
+
+    A signature is new each time (a time, a random manifest id), so re-signing an unchanged final would
+    rewrite a 4K file on every re-run. A stamp in ``stamps`` records what the delivered file was signed from
+    (source file, manifest, ingredients, signer) and the signed file's sha256; when both still match, the
+    file is left as it is. Source assets are content-addressed (their name is their sha256), so the name
+    stands for the bytes.
+    """
+    import hashlib
+
+    from store.files import file_sha256
+
+    source, target = Path(source), Path(target)
+    recipe = hashlib.sha256(json.dumps({
+        "source": source.name, "source_size": source.stat().st_size, "manifest": manifest,
+        "ingredients": [[i.key, i.path.name, i.relationship, i.title] for i in ingredients],
+        "cert_chain": hashlib.sha256(config.cert_chain.read_bytes()).hexdigest(),
+        "private_key": hashlib.sha256(config.private_key.read_bytes()).hexdigest(),
+        "alg": config.alg, "tsa_url": config.tsa_url,
+    }, sort_keys=True, default=str).encode()).hexdigest()
+    stamp = Path(stamps) / f"{hashlib.sha256(str(target.resolve()).encode()).hexdigest()[:32]}.json"
+    if target.is_file() and stamp.is_file():
+        try:
+            done = json.loads(stamp.read_text(encoding="utf-8"))
+        except ValueError:
+            done = {}
+        if done.get("recipe") == recipe and done.get("sha256") == file_sha256(target):
+            return False
+    sign_file(source, target, config, manifest, ingredients)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"target": str(target), "recipe": recipe, "sha256": file_sha256(target)}),
+                   encoding="utf-8")
+    os.replace(tmp, stamp)
+    return True
+
+
 # ------------------------------------------------------------------------------------- reading
 @dataclass(frozen=True)
 class Credentials:

@@ -1,12 +1,11 @@
 """Prefect artifacts for a finished deliverable, and the run's HTML contact sheet in the home.
 
-After each deliverable:
-- the run's contact sheet is (re)written to ``<home>/reports/<run_id>.html`` (``atelier.contact_sheet``),
-  so the last deliverable leaves the complete page;
-- the Prefect UI gets the deliverable's part of the sheet as Markdown (mood board, draft grid with
-  scores and the kept ones marked, finals with their lineage), the draft table, and links to the
-  finals and to the HTML sheet.
-Built from the lineage store only (no models, no images in memory beyond thumbnails).
+After each deliverable (``publish_deliverable``), the Prefect UI gets the deliverable's part of the sheet
+as Markdown (mood board, draft grid with scores and the kept ones marked, finals with their lineage), the
+draft table, and links to the finals. Once per run (``publish_run``), the run's contact sheet is written
+to ``<home>/reports/<run_id>.html`` (``atelier.contact_sheet``) and linked.
+Built from the lineage store only (no models, no images in memory beyond thumbnails, which are cached by
+content under ``<home>/cache/thumbs``).
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from atelier.contact_sheet import markdown_sheet, render_html, sheet_data, write_page
+from atelier.contact_sheet import markdown_sheet, render_html, sheet_data, thumbs_dir, write_page
 from store import open_store
 
 
@@ -25,14 +24,13 @@ def _key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
 
 
-def publish_deliverable(home: str, store_url: str | None, run_id: str, campaign: str, deliverable: str) -> Path:
-    """Publish one deliverable's artifacts; returns the path of the run's contact sheet."""
+def publish_deliverable(home: str, store_url: str | None, run_id: str, campaign: str, deliverable: str) -> None:
+    """Publish one deliverable's artifacts."""
     from store.schema import Run
 
     st = open_store(Path(home), store_url)
     with st.sessions() as s:
-        data = sheet_data(s, s.get(Run, run_id))
-    sheet = write_page(render_html(data, st.files.path), st.home / "reports" / f"{run_id}.html")
+        data = sheet_data(s, s.get(Run, run_id), only=deliverable)
     d = data["deliverables"].get(deliverable, {"finals": [], "moodboard": []})
     rows = [{"key": x["key"][:12], "seed": x.get("seed"), "prompt score": x.get("prompt_score"),
              "mood-board score": x.get("moodboard_score"), "total": x.get("total"),
@@ -40,12 +38,22 @@ def publish_deliverable(home: str, store_url: str | None, run_id: str, campaign:
     create_table_artifact(rows, key=_key(campaign, deliverable, "drafts"),
                           description=f"{deliverable}: every draft's CLIP scores and the selection")
     if deliverable in data["deliverables"]:
-        create_markdown_artifact(markdown_sheet(data, st.files.path, deliverable),
+        create_markdown_artifact(markdown_sheet(data, st.files.path, deliverable, thumbs_dir(st.home)),
                                  key=_key(campaign, deliverable, "sheet"),
                                  description=f"{deliverable}: contact sheet (mood board, drafts, finals and lineage)")
-    create_link_artifact(sheet.resolve().as_uri(), link_text=sheet.name, key=_key(campaign, "contact-sheet"),
-                         description=f"run {run_id}: the HTML contact sheet (self-contained)")
     for n, f in enumerate(d["finals"], start=1):
         create_link_artifact(Path(f["final"]).resolve().as_uri(), link_text=Path(f["final"]).name,
                              key=_key(campaign, deliverable, "final", str(n)))
+
+
+def publish_run(home: str, store_url: str | None, run_id: str, campaign: str) -> Path:
+    """Write the run's HTML contact sheet into the home and link it; returns its path."""
+    from store.schema import Run
+
+    st = open_store(Path(home), store_url)
+    with st.sessions() as s:
+        data = sheet_data(s, s.get(Run, run_id))
+    sheet = write_page(render_html(data, st.files.path, thumbs_dir(st.home)), st.home / "reports" / f"{run_id}.html")
+    create_link_artifact(sheet.resolve().as_uri(), link_text=sheet.name, key=_key(campaign, "contact-sheet"),
+                         description=f"run {run_id}: the HTML contact sheet (self-contained)")
     return sheet

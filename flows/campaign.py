@@ -25,7 +25,7 @@ from atelier.brief import Campaign, load_brief
 from flows import STAGES
 from flows.tasks import (GPU_TAG, GPU_TASKS, RunContext, draft_task, export_task, face_task, inpaint_task,
                          moodboard_task, refine_task, select_task, upscale_task)
-from flows.artifacts import publish_deliverable
+from flows.artifacts import publish_deliverable, publish_run
 from atelier.registry import device_used
 from store import lineage, open_store
 
@@ -90,9 +90,13 @@ def _deliverable_chain(ctx: RunContext, campaign: Campaign, name: str, board, su
     return call(export_task, ctx, campaign, name, current)
 
 
-def _publish(ctx: RunContext, campaign: Campaign, name: str) -> None:
+def _publish(ctx: RunContext, campaign: Campaign, name: str | None) -> None:
+    """Prefect artifacts of deliverable ``name``; with None, the run's (its HTML contact sheet)."""
     t0 = time.perf_counter()
-    publish_deliverable(ctx.home, ctx.store_url, ctx.run_id, campaign.brief.campaign, name)
+    if name is None:
+        publish_run(ctx.home, ctx.store_url, ctx.run_id, campaign.brief.campaign)
+    else:
+        publish_deliverable(ctx.home, ctx.store_url, ctx.run_id, campaign.brief.campaign, name)
     PHASES["artifacts"] += time.perf_counter() - t0
 
 
@@ -131,6 +135,7 @@ def campaign_flow(brief_path: str, home: str, run_id: str, profile: str | None =
             for name in names:
                 _deliverable_chain(ctx, campaign, name, board, False, gpu_tag)
                 _publish(ctx, campaign, name)
+        _publish(ctx, campaign, None)
     except BaseException as exc:
         lineage.finish_run(store, run_id, error="".join(traceback.format_exception_only(type(exc), exc)).strip(),
                            device=device_used())

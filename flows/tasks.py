@@ -550,7 +550,8 @@ def export_task(ctx: RunContext, campaign: Campaign, name: str, finals: list[Ref
 
     The delivered file is a C2PA-signed copy of the asset (``atelier.credentials``): the asset file in
     ``assets/`` stays content-addressed and untouched, so keys and reuse do not depend on signing
-    (each signature is new: a time, a random manifest id). With ``ATELIER_C2PA=off`` it is a hard link.
+    (each signature is new: a time, a random manifest id). An unchanged final already delivered is not signed
+    again (``credentials.sign_file_once``). With ``ATELIER_C2PA=off`` it is a hard link.
     """
     out_dir = Path(ctx.home) / "outputs" / campaign.brief.campaign
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -563,7 +564,8 @@ def export_task(ctx: RunContext, campaign: Campaign, name: str, finals: list[Ref
         if signing is not None:
             with ctx.store.sessions() as s:
                 manifest, ingredients = credentials.final_credentials(s, ctx.store.files.path, ref.key, target.name)
-            credentials.sign_file(Path(ref.path), target, signing, manifest, ingredients)
+            credentials.sign_file_once(Path(ref.path), target, signing, manifest, ingredients,
+                                       Path(ctx.home) / "cache" / "c2pa-signed")
         elif not (target.exists() and os.path.samefile(target, ref.path)):
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             tmp.unlink(missing_ok=True)

@@ -338,6 +338,69 @@ def test_a_configured_certificate_signs_and_a_half_configuration_is_refused(tmp_
     assert credentials.signing_config(tmp_path / "home") is None
 
 
+def test_an_unchanged_final_is_not_signed_again(tmp_path) -> None:
+    """Re-exporting the same final with the same signer leaves the delivered file as it is; a changed
+    file, manifest or signer is signed again."""
+    import hashlib
+
+    from PIL import Image
+
+    from store.files import file_sha256
+
+    source = tmp_path / "asset.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(source)
+    source = source.rename(tmp_path / f"{file_sha256(source)}.png")  # content-addressed, as in assets/
+    cfg = credentials.signing_config(tmp_path / "home")
+    manifest = credentials.manifest_definition("hero-1.png", "image/png", None, "k" * 32, [])
+    target, stamps = tmp_path / "out" / "hero-1.png", tmp_path / "stamps"
+    target.parent.mkdir()
+    assert credentials.sign_file_once(source, target, cfg, manifest, [], stamps)
+    first = target.read_bytes()
+    assert credentials.read_credentials(target).validation_state == "Valid"
+    assert not credentials.sign_file_once(source, target, cfg, manifest, [], stamps)
+    assert target.read_bytes() == first
+    # someone edits the delivered file: signed again from the asset
+    target.write_bytes(source.read_bytes())
+    assert credentials.sign_file_once(source, target, cfg, manifest, [], stamps)
+    assert credentials.read_credentials(target) is not None
+    # another manifest (another lineage key): signed again
+    other = credentials.manifest_definition("hero-1.png", "image/png", None, "j" * 32, [])
+    assert credentials.sign_file_once(source, target, cfg, other, [], stamps)
+    assert credentials.read_credentials(target).lineage["key"] == "j" * 32
+    # another signer: signed again
+    chain, key, _ = credentials.write_test_certificate(tmp_path / "mine")
+    mine = credentials.SigningConfig(chain, key)
+    assert credentials.sign_file_once(source, target, mine, other, [], stamps)
+    assert hashlib.sha256(target.read_bytes()).hexdigest() != hashlib.sha256(first).hexdigest()
+
+
+def test_thumbnails_are_cached_by_content(tmp_path) -> None:
+    from PIL import Image
+
+    from atelier.contact_sheet import Thumbnails, thumbnail
+
+    sha = "ab" * 32
+    asset = tmp_path / "assets" / sha[:2] / f"{sha}.png"
+    asset.parent.mkdir(parents=True)
+    Image.new("RGB", (640, 360), (10, 120, 200)).save(asset)
+    opened = []
+
+    def path_of(rel: str) -> Path:
+        opened.append(rel)
+        return tmp_path / rel
+
+    cache = tmp_path / "thumbs"
+    uri = Thumbnails(path_of, cache)(f"assets/{sha[:2]}/{sha}.png", 96)
+    assert uri == thumbnail(asset, 96) and (cache / f"{sha}-96.jpg").is_file()
+    asset.unlink()  # a later process finds the thumbnail without the asset (nor its download)
+    opened.clear()
+    assert Thumbnails(path_of, cache)(f"assets/{sha[:2]}/{sha}.png", 96) == uri and opened == []
+    # a file that cannot be read gives the placeholder, which is not cached
+    other = "cd" * 32
+    Thumbnails(path_of, cache)(f"assets/{other[:2]}/{other}.png", 96)
+    assert not (cache / f"{other}-96.jpg").exists()
+
+
 # --------------------------------------------------------------- last: a second run changes the store
 def test_report_marks_what_each_run_kept(run) -> None:
     """keep 2 -> 1: the drafts are reused and scored again; each run's report shows its own selection."""

@@ -45,9 +45,9 @@ def _show_report(home, store_url, run_id: Optional[str], as_json: bool, html: Op
             _fail(f"no run {run_id!r} in {st.url} (see `atelier runs`)" if run_id else "no runs yet")
         data = run_report(s, run_row)
         if html is not None:
-            from atelier.contact_sheet import render_html, sheet_data, write_page
+            from atelier.contact_sheet import render_html, sheet_data, thumbs_dir, write_page
 
-            write_page(render_html(sheet_data(s, run_row), st.files.path), html)
+            write_page(render_html(sheet_data(s, run_row), st.files.path, thumbs_dir(st.home)), html)
     if as_json:
         return _print_json({**data, **({"html": str(html)} if html is not None else {})})
     _print_report(data, st.home)

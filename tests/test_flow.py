@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -280,7 +281,7 @@ def draft_in_flow(e2e, monkeypatch):
             return fake(len(seen), req) or real(req, on_progress=on_progress)
 
         monkeypatch.setattr(tasks.draft_stage, "generate_drafts", spy)
-        run_id = f"retry-{len(seen)}-{id(fake)}"
+        run_id = f"retry-{uuid.uuid4().hex[:12]}"  # not id(fake): a collected function's id comes back
         lineage.start_run(open_store(e2e["home"]), run_id, "e2e", str(e2e["brief"]), campaign.sha256, "tiny", {})
         ctx = tasks.RunContext(run_id=run_id, home=str(e2e["home"]), store_url=None, profile="tiny",
                                stages=campaign.brief.stages, brief_root=str(campaign.root), force="draft")

@@ -35,7 +35,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from atelier import credentials, metadata, progress
+from atelier import contact_sheet, credentials, metadata, progress
 from atelier.brief import Campaign, Deliverable, Stages, apply_overrides, fit_to_area
 from atelier.errors import BriefError
 from atelier.keys import asset_key, derive_seed
@@ -532,11 +532,18 @@ def upscale_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[R
         sources=tuple(Path(sources[i].path) for i in todo), size=size, model=prof.upscale, models_dir=ctx.models_dir,
         tile=prof.upscale_tile), on_progress=st.on_progress)
     per = (time.perf_counter() - t0) / len(images)
-    save(store, ctx.run_id, [_image_asset(keys[i], "upscale", campaign.brief.campaign, name, im, recipe, model_id, per,
-                                          ((sources[i].key, "source"),)) for i, im in zip(todo, images)])
+    assets = [_image_asset(keys[i], "upscale", campaign.brief.campaign, name, im, recipe, model_id, per,
+                           ((sources[i].key, "source"),)) for i, im in zip(todo, images)]
+    save(store, ctx.run_id, assets)
     lineage.mark_reused(store, ctx.run_id, [k for k in keys if k not in missing])
     st.done(len(todo), len(keys) - len(todo))
-    return _refs(store, keys)
+    refs = _refs(store, keys)
+    # The contact sheet's thumbnails of these (4K) finals, from memory: unless the store kept other bytes
+    # under a key (recorded first by another run), the stored file is this image.
+    for i, a, im in zip(todo, assets, images):
+        if (sha := Path(refs[i].path).stem) == hashlib.sha256(a.data).hexdigest():
+            contact_sheet.cache_thumbnails(contact_sheet.thumbs_dir(ctx.home), sha, im)
+    return refs
 
 
 GPU_TAG = "gpu"

@@ -401,6 +401,29 @@ def test_thumbnails_are_cached_by_content(tmp_path) -> None:
     assert not (cache / f"{other}-96.jpg").exists()
 
 
+def test_thumbnails_cached_from_memory_equal_those_of_the_file(tmp_path) -> None:
+    """What the upscale task caches from the image in memory is what the sheet would make from the PNG."""
+    import base64
+    import hashlib
+
+    import numpy as np
+    from PIL import Image
+
+    from atelier.contact_sheet import FINAL_THUMB, MARKDOWN_FINAL_THUMB, cache_thumbnails, thumbnail
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (216, 384, 3), dtype=np.uint8))
+    png = tmp_path / "final.png"
+    image.save(png)
+    sha = hashlib.sha256(png.read_bytes()).hexdigest()
+    cache_thumbnails(tmp_path / "thumbs", sha, image)
+    for size in (FINAL_THUMB, MARKDOWN_FINAL_THUMB):
+        cached = (tmp_path / "thumbs" / f"{sha}-{size}.jpg").read_bytes()
+        assert thumbnail(png, size) == "data:image/jpeg;base64," + base64.b64encode(cached).decode()
+    assert image.size == (384, 216)  # the caller's image is left as it was
+    with pytest.raises(ValueError, match="not a sha256"):
+        cache_thumbnails(tmp_path / "thumbs", "final", image)
+
+
 # --------------------------------------------------------------- last: a second run changes the store
 def test_report_marks_what_each_run_kept(run) -> None:
     """keep 2 -> 1: the drafts are reused and scored again; each run's report shows its own selection."""

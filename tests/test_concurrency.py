@@ -21,7 +21,8 @@ from sqlalchemy import func, inspect, select
 
 from store import open_store
 from store.schema import Asset, Run, RunAsset
-from tests.test_crash import PrefectServer, build_tiny_models, doctor_cli, new_home, run_env, start_run, write_brief
+from tests.test_crash import (build_tiny_models, doctor_cli, new_home, prefect_api,  # noqa: F401 (a fixture)
+                              run_env, start_run, write_brief)
 
 # A worker process: imports `store` (only), waits for the go file, then does its part.
 WORKER = """
@@ -120,15 +121,6 @@ deliverables:
     post:
       upscale: true
 """
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory) -> str:
-    server = PrefectServer(tmp_path_factory.mktemp("prefect"))
-    try:
-        yield server.wait_healthy()
-    finally:
-        server.stop()
 
 
 def _lineage(s, run_id: str) -> dict[str, str]:

@@ -96,16 +96,13 @@ class Thumbnails:
         sha = Path(rel_path).stem
         if self.cache_dir is None or not _is_sha256(sha):
             return _thumbnail_jpeg(self.path_of(rel_path), size)
-        cached = self.cache_dir / f"{sha}-{size}.jpg"
+        cached = _cached(self.cache_dir, sha, size)
         if cached.is_file():
             return cached.read_bytes()
         local = Path(self.path_of(rel_path))
         jpeg = _thumbnail_jpeg(local, size)
         if local.is_file():  # never cache the placeholder of a file that could not be read
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(jpeg)
-            os.replace(tmp, cached)  # concurrent runs write the same bytes
+            _write_atomic(cached, jpeg)  # concurrent runs write the same bytes
         return jpeg
 
 
@@ -118,12 +115,20 @@ def cache_thumbnails(cache_dir: Path, sha256: str, image: Image.Image,
     """
     if not _is_sha256(sha256):
         raise ValueError(f"not a sha256: {sha256!r}")
-    cache_dir.mkdir(parents=True, exist_ok=True)
     for size in sizes:
-        cached = cache_dir / f"{sha256}-{size}.jpg"
-        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(_jpeg_of(image, size))
-        os.replace(tmp, cached)
+        _write_atomic(_cached(cache_dir, sha256, size), _jpeg_of(image, size))
+
+
+def _cached(cache_dir: Path, sha256: str, size: int) -> Path:
+    return cache_dir / f"{sha256}-{size}.jpg"
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` through a temp file: a reader never sees half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
 
 
 def _is_sha256(text: str) -> bool:
@@ -230,10 +235,5 @@ def markdown_sheet(data: dict, path_of: Callable[[str], Path], deliverable: str,
 
 def write_page(page: str, target: Path) -> Path:
     """Write ``page`` to ``target`` atomically (a reader never sees half a page)."""
-    import os
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, target)
+    _write_atomic(target, page.encode("utf-8"))
     return target

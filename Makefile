@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-deps bench clean
+.PHONY: install demo test test-fast lint test-deps bench clean
 
 # torch first and alone: `torch==2.13.0` installs the CPU build from a local file; any other torch
 # requirement would pull several GB of CUDA wheels. constraints.txt keeps it (and friends) pinned.
@@ -39,8 +39,16 @@ test-deps:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; \
 	fi
 
-test: install test-deps
+test: install test-deps lint
 	$(PY) -m pytest -q
+
+# The fast tier (< 3 min on 2 cores): everything but the tests marked slow (whole campaigns through Prefect,
+# subprocess runs, database servers, browsers).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 # The CPU benchmark set (~9 min on 2 cores): results/*.json + a markdown table each, then the combined
 # table (results/summary.md); see bench/README.md.

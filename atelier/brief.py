@@ -14,12 +14,15 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from atelier.errors import BriefError
+
+if TYPE_CHECKING:
+    from atelier.profiles import Profile
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
@@ -53,7 +56,7 @@ class Inpaint(_Strict):
 
     @field_validator("region")
     @classmethod
-    def _inside(cls, region):
+    def _inside(cls, region: Any):
         if region is None:
             return region
         x, y, w, h = region
@@ -87,8 +90,8 @@ class StageOverride(_Strict):
 
     @field_validator("scheduler")
     @classmethod
-    def _known(cls, value):
-        from atelier.registry import SCHEDULERS
+    def _known(cls, value: Any):
+        from atelier.profiles import SCHEDULERS
 
         if value is not None and value not in SCHEDULERS:
             raise ValueError(f'unknown scheduler "{value}"; known: {", ".join(SCHEDULERS)}')
@@ -170,7 +173,7 @@ class Brief(_Strict):
 
     @field_validator("deliverables")
     @classmethod
-    def _unique(cls, items):
+    def _unique(cls, items: Any):
         seen: set[str] = set()
         for i, d in enumerate(items):
             if d.name in seen:
@@ -196,7 +199,7 @@ class Campaign:
     def mask_for(self, deliverable: str) -> Path | None:
         return dict(self.masks).get(deliverable)
 
-    def profile(self, name: str | None = None):
+    def profile(self, name: str | None = None) -> Profile:
         """The brief's model profile (or ``name``) with the brief's stage overrides applied."""
         return apply_overrides(name or self.brief.profile, self.brief.stages, self.root)
 
@@ -206,12 +209,12 @@ def _lora_source(root: Path, source: str) -> str:
     return str(local.resolve()) if local.exists() else source
 
 
-def apply_overrides(profile_name: str, stages: Stages, root: Path):
+def apply_overrides(profile_name: str, stages: Stages, root: Path) -> Profile:
     """A copy of the named profile with the brief's per-stage settings and extra LoRAs."""
     import hashlib
     from dataclasses import replace
 
-    from atelier.registry import Lora, get_profile
+    from atelier.profiles import Lora, get_profile
 
     prof = get_profile(profile_name)
     changes: dict = {}
@@ -308,7 +311,7 @@ def load_brief(path: str | Path, profile_names: tuple[str, ...] | None = None) -
         raise _first_error(file, err) from None
 
     if profile_names is None:
-        from atelier.registry import PROFILES
+        from atelier.profiles import PROFILES
 
         profile_names = tuple(PROFILES)
     if brief.profile not in profile_names:

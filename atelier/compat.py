@@ -13,14 +13,14 @@ Why each one exists:
 
 from __future__ import annotations
 
+from typing import Any
+
 import importlib.util
 import sys
 
-_applied = False
-_keepalive: list[object] = []  # torch.library.Library objects must outlive this module's init
 
 
-def _nms_cpu(dets, scores, iou_threshold: float):
+def _nms_cpu(dets: Any, scores: Any, iou_threshold: float):
     """Greedy non-maximum suppression; boxes (N, 4) as x1, y1, x2, y2. Returns kept indices (K,)."""
     import torch
 
@@ -71,14 +71,21 @@ def _define_torchvision_ops() -> None:
 
     if "torchvision" in sys.modules:
         return  # already imported (successfully or not); too late to help
+    try:
+        torch.ops.torchvision.nms  # noqa: B018 - defined already (by torchvision or an earlier apply())
+        return
+    except (AttributeError, RuntimeError):
+        pass
     if _torchvision_native_ops_load():
         return
+    from atelier.models import process_cache
+
     lib = torch.library.Library("torchvision", "DEF")
     lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     lib.impl("nms", _nms_cpu, "CPU")
     lib.impl("qnms", _nms_cpu, "CPU")
-    _keepalive.append(lib)
+    process_cache().hold(lib)  # a Library's registrations last as long as the object
 
 
 def _alias_functional_tensor() -> None:
@@ -93,13 +100,9 @@ def _alias_functional_tensor() -> None:
 
 
 def apply() -> None:
-    """Apply every fix once per process. Call before importing torchvision / diffusers / basicsr."""
-    global _applied
-    if _applied:
-        return
+    """Apply every fix (each is idempotent). Call before importing torchvision / diffusers / basicsr."""
     import torch
 
     torch.set_flush_denormal(True)
     _define_torchvision_ops()
     _alias_functional_tensor()
-    _applied = True

@@ -15,7 +15,7 @@ import html
 import io
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from PIL import Image
 
@@ -135,7 +135,7 @@ def _is_sha256(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
-def sheet_data(session, run, only: str | None = None) -> dict:
+def sheet_data(session: Any, run: Any, only: str | None = None) -> dict:
     """``run_report`` plus, per final, its lineage tree with what changed at each step (for the finals of
     deliverable ``only`` alone, when given)."""
     from store import queries
@@ -203,7 +203,7 @@ def _lineage_html(node: dict) -> str:
             + (f"<ul>{kids}</ul>" if kids else "") + "</li>")
 
 
-def _short(value, limit: int = 60) -> str:
+def _short(value: Any, limit: int = 60) -> str:
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

@@ -20,6 +20,8 @@ c2pa-python and cryptography are imported inside functions (the CLI imports this
 
 from __future__ import annotations
 
+from typing import Any
+
 import json
 import os
 from dataclasses import dataclass
@@ -178,7 +180,7 @@ def manifest_definition(title: str, mime: str, model: dict | None, lineage_key: 
     }
 
 
-def final_credentials(session, path_of, key: str, title: str) -> tuple[dict, list[Ingredient]]:
+def final_credentials(session: Any, path_of: Any, key: str, title: str) -> tuple[dict, list[Ingredient]]:
     """The manifest definition and ingredients of final ``key``, from the lineage store.
 
     ``path_of`` maps a stored asset path to a local file (``store.files.path``).

@@ -21,6 +21,8 @@ timing needs from the tokenizer is the padded length (512, FluxPipeline's defaul
 
 from __future__ import annotations
 
+from typing import Any
+
 import hashlib
 import json
 import tempfile
@@ -154,11 +156,11 @@ def config_sha256(name: str) -> str:
 
 # ------------------------------------------------------------------------------------------ building
 @contextmanager
-def _construct_on(device, dtype):
+def _construct_on(device: Any, dtype: Any):
     """Parameters created inside are allocated on ``device`` in ``dtype`` and initialised there.
 
     ``torch.set_default_dtype`` is process-wide (it is what transformers' ``_from_config(dtype=...)``
-    does too); it is restored on exit, and building happens once per process under the registry's lock.
+    does too); it is restored on exit, and building happens once per process under the model cache's lock.
     """
     import torch
 
@@ -183,7 +185,7 @@ def _network(class_name: str, config: dict):
     return model_class(config_class(**config))
 
 
-def build_networks(name: str, device="cpu", dtype=None, seed: int = SEED) -> dict:
+def build_networks(name: str, device: Any="cpu", dtype: Any=None, seed: int = SEED) -> dict:
     """The architecture's networks (role -> module) with seeded random weights, eval mode.
 
     ``device="meta"`` builds the structure only (no memory, no initialisation): for counting parameters.
@@ -198,7 +200,7 @@ def build_networks(name: str, device="cpu", dtype=None, seed: int = SEED) -> dic
     dev = torch.device(device)
     rng_devices = [dev.index or 0] if dev.type == "cuda" else []
     out = {}
-    # fork_rng: seeding here leaves the caller's global random state as it was
+    # fork_rng: seeding here leaves the caller's random state as it was
     with torch.random.fork_rng(devices=rng_devices):
         for i, (role, (class_name, config)) in enumerate(arch.networks.items()):
             torch.manual_seed(seed + i)  # one seed per network: adding a network does not change the others
@@ -218,7 +220,7 @@ def _clip_tokenizer(pad_token: str = ""):
         return CLIPTokenizer.from_pretrained(tmp, model_max_length=77, **extra)
 
 
-def build_pipeline(name: str, device="cpu", dtype=None, seed: int = SEED):
+def build_pipeline(name: str, device: Any="cpu", dtype: Any=None, seed: int = SEED) -> Any:
     """The full-size diffusers pipeline ``name`` (see ``ARCHITECTURES``), random weights, on ``device``.
 
     Args:

@@ -29,7 +29,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 from xml.sax.saxutils import escape
 
 from PIL import ExifTags, Image, UnidentifiedImageError
@@ -69,7 +69,7 @@ def lineage_doc(key: str, own: dict, ancestors: dict[str, dict]) -> dict:
     return {"format": FORMAT, "key": key, **own, "ancestors": ancestors}
 
 
-def ancestors(session, keys: Iterable[str]) -> dict[str, dict]:
+def ancestors(session: Any, keys: Iterable[str]) -> dict[str, dict]:
     """Records of ``keys`` and of all their ancestors, by key.
 
     Two queries whatever the depth: a recursive CTE collects every edge above ``keys``, then one
@@ -101,7 +101,7 @@ def ancestors(session, keys: Iterable[str]) -> dict[str, dict]:
             for k, a in rows.items()}
 
 
-def doc_from_store(session, key: str) -> dict:
+def doc_from_store(session: Any, key: str) -> dict:
     """The document of a stored asset, built from the store (what ``flows.tasks`` embedded at creation)."""
     chain = ancestors(session, [key])
     return lineage_doc(key, chain.pop(key), chain)
@@ -112,7 +112,7 @@ def dumps(doc: dict) -> str:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
-def _as_stored(value):
+def _as_stored(value: Any):
     return json.loads(json.dumps(value, default=str))  # what store.lineage.save writes to the JSON columns
 
 
@@ -172,7 +172,7 @@ def a1111_parameters(doc: dict) -> str | None:
     return f"{p.get('prompt', '')}{negative}\n{line}".strip()
 
 
-def _number(v) -> str:
+def _number(v: Any) -> str:
     if isinstance(v, float):
         return str(int(v)) if v.is_integer() else repr(v)  # 5.0 -> "5", 0.6 -> "0.6"
     return str(v)
@@ -359,7 +359,7 @@ def _load_doc(text: str) -> dict | None:
     return doc if _well_formed(doc) else None
 
 
-def _well_formed(doc) -> bool:
+def _well_formed(doc: Any) -> bool:
     """What readers rely on: a key, and per record a stage, [key, role] parents, dict params and model.
 
     Documents written before ``FORMAT`` existed (key, stage and parents only) pass: still a start.

@@ -83,7 +83,7 @@ class ModelSpec:
     scale: int
     file_stems: tuple[str, ...]
 
-    def build_arch(self, device: Any = None):
+    def build_arch(self, device: Any = None) -> Any:
         """A fresh PyTorch network of this spec's architecture (random init, train mode, no wrapper).
 
         ``device="meta"`` builds it without allocating or initialising weights (used by the loader).
@@ -249,7 +249,7 @@ def _structure_error(name: str, msg: str) -> ValueError:
     return ValueError(f"ncnn model {name!r} does not match the expected network: {msg}")
 
 
-def _check_conv(name: str, layer: NcnnLayer, conv, lrelu: bool) -> None:
+def _check_conv(name: str, layer: NcnnLayer, conv: Any, lrelu: bool) -> None:
     out_ch, in_ch, kh, kw = conv.weight.shape
     got = dict(
         out=layer.get_int(0), k=layer.get_int(1), kh=layer.get_int(11, layer.get_int(1)), dil=layer.get_int(2, 1),
@@ -268,7 +268,7 @@ def _check_conv(name: str, layer: NcnnLayer, conv, lrelu: bool) -> None:
         raise _structure_error(name, f"layer {layer.name}: expected no fused activation, got {act}")
 
 
-def _rrdb_targets(net, num_block: int) -> list[tuple[Any, bool]]:
+def _rrdb_targets(net: Any, num_block: int) -> list[tuple[Any, bool]]:
     """RRDBNet's convolutions in forward order, each with 'followed by LeakyReLU(0.2)'."""
     convs = [(net.conv_first, False)]
     for b in range(num_block):
@@ -284,11 +284,11 @@ def _count(layers: list[NcnnLayer], type_: str) -> int:
     return sum(1 for layer in layers if layer.type == type_)
 
 
-def _module_names(net) -> dict[int, str]:
+def _module_names(net: Any) -> dict[int, str]:
     return {id(module): qualname for qualname, module in net.named_modules()}
 
 
-def _conv_state(names: dict[int, str], conv, blobs, state: dict) -> None:
+def _conv_state(names: dict[int, str], conv: Any, blobs: Any, state: dict) -> None:
     import torch
 
     prefix = names[id(conv)]
@@ -296,7 +296,7 @@ def _conv_state(names: dict[int, str], conv, blobs, state: dict) -> None:
     state[f"{prefix}.bias"] = torch.from_numpy(blobs["bias"])
 
 
-def _fill_rrdbnet(name: str, spec: ModelSpec, net, layers, weights) -> dict:
+def _fill_rrdbnet(name: str, spec: ModelSpec, net: Any, layers: Any, weights: Any) -> dict:
     """Check the graph against RRDBNet and return its state dict (tensors over the weights read)."""
     num_block = spec.arch_kwargs["num_block"]
     targets = _rrdb_targets(net, num_block)
@@ -319,7 +319,7 @@ def _fill_rrdbnet(name: str, spec: ModelSpec, net, layers, weights) -> dict:
     return state
 
 
-def _fill_srvgg(name: str, spec: ModelSpec, net, layers, weights) -> tuple[dict, float | None]:
+def _fill_srvgg(name: str, spec: ModelSpec, net: Any, layers: Any, weights: Any) -> tuple[dict, float | None]:
     """Check the graph against SRVGGNetCompact; return its state dict and the trailing bicubic downscale
     factor (None for the plain x4 graph)."""
     import torch
@@ -359,30 +359,24 @@ def _fill_srvgg(name: str, spec: ModelSpec, net, layers, weights) -> tuple[dict,
     return state, downscale
 
 
-_wrapper_cls = None
-
-
-def _downscale_wrapper(net, out_scale: int, net_scale: int):
+def _downscale_wrapper(net: Any, out_scale: int, net_scale: int):
     """Wrap ``net`` so its output is bicubic-resized from ``net_scale`` to ``out_scale`` (ncnn's Interp 0=3)."""
-    global _wrapper_cls
-    if _wrapper_cls is None:
-        import torch.nn.functional as F
-        from torch import nn
+    import torch.nn.functional as F
+    from torch import nn
 
-        class BicubicDownscaled(nn.Module):
-            """``net`` followed by a bicubic resize to ``scale`` times the input size (as the ncnn x2/x3 graphs)."""
+    class BicubicDownscaled(nn.Module):  # defined here: torch is imported only when a model is loaded
+        """``net`` followed by a bicubic resize to ``scale`` times the input size (as the ncnn x2/x3 graphs)."""
 
-            def __init__(self, net: nn.Module, scale: int, net_scale: int):
-                super().__init__()
-                self.net, self.scale, self.net_scale = net, scale, net_scale
+        def __init__(self, net: nn.Module, scale: int, net_scale: int):
+            super().__init__()
+            self.net, self.scale, self.net_scale = net, scale, net_scale
 
-            def forward(self, x):
-                h, w = x.shape[-2:]
-                y = self.net(x)
-                return F.interpolate(y, size=(h * self.scale, w * self.scale), mode="bicubic", align_corners=False)
+        def forward(self, x: Any):
+            h, w = x.shape[-2:]
+            y = self.net(x)
+            return F.interpolate(y, size=(h * self.scale, w * self.scale), mode="bicubic", align_corners=False)
 
-        _wrapper_cls = BicubicDownscaled
-    return _wrapper_cls(net, out_scale, net_scale)
+    return BicubicDownscaled(net, out_scale, net_scale)
 
 
 def _spec(name: str) -> ModelSpec:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from collections import defaultdict
 
 from sqlalchemy.orm import Session
 
-from atelier.registry import PROFILES
+from atelier.profiles import PROFILES
 from store import queries
 from store.queries import STAGE_ORDER
 from store.schema import Asset, Run
@@ -187,7 +189,7 @@ def model_name(model: dict | None) -> str | None:
     return model.get("name") or (model.get("pipeline") or {}).get("name")
 
 
-def flatten(value, prefix: str = "") -> dict:
+def flatten(value: Any, prefix: str = "") -> dict:
     """{"a": {"b": 1}, "c": [2]} -> {"a.b": 1, "c": [2]} (lists stay values: they compare whole)."""
     if isinstance(value, dict) and value:
         out: dict = {}

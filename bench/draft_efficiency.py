@@ -1,7 +1,7 @@
 """1 + 4. Draft images/s: atelier's draft stage vs a bare diffusers loop (interleaved A B A B), and batching.
 
 Both sides use the same pipeline object, dtype, batch size, steps, seeds (one generator per image).
-"A" is ``stages.draft.generate_drafts`` (registry lookup, scheduler check, batching, dataclasses);
+"A" is ``stages.draft.generate_drafts`` (model cache lookup, scheduler check, batching, dataclasses);
 "A+store" additionally PNG-encodes and commits every image through ``store.save`` (what a run does).
 "B" is the loop a user would write by hand.
 Usage: python bench/draft_efficiency.py [--rounds 4] [--images 8]
@@ -30,14 +30,15 @@ def main() -> None:
     import torch
 
     from atelier.keys import asset_key
-    from atelier.registry import device, get_profile, pipeline
+    from atelier.models import Models, device
+    from atelier.profiles import get_profile
     from stages import draft
     from stages.common import png_bytes
     from store import NewAsset, lineage, open_store, save
 
     prof = get_profile(args.profile)
     home = Path(tempfile.mkdtemp(prefix="atelier-bench-"))
-    models = home / "models"
+    models = Models.at(home / "models")
     w, h, steps, guidance = 64, 64, prof.draft.steps, prof.draft.guidance
     seeds = tuple(range(args.images))
     dev = device()
@@ -45,19 +46,20 @@ def main() -> None:
     lineage.start_run(store, "bench", "bench", "-", "0" * 64, prof.name, {})
 
     def atelier_stage(batch: int):
-        return draft.generate_drafts(draft.DraftRequest("a red bicycle", "blurry", seeds, w, h, steps, guidance,
-                                                        prof.draft.scheduler, prof.draft_model, models, batch))
+        return draft.generate_drafts(draft.DraftRequest(
+            "a red bicycle", "blurry", w, h, steps, guidance, prof.draft.scheduler, model=prof.draft_model,
+            seeds=seeds, indices=tuple(range(len(seeds))), batch_size=batch), models)
 
     counter = iter(range(10**9))
 
     def atelier_with_store(batch: int):
         drafts = atelier_stage(batch)
         n = next(counter)
-        save(store, "bench", [NewAsset(key=asset_key("draft", 1, {"seed": d.seed, "n": n}, [], None), stage="draft",
+        save(store, "bench", [NewAsset(key=asset_key("draft", 1, {"seed": seed, "n": n}, [], None), stage="draft",
                                        kind="image", campaign="bench", deliverable="d", data=png_bytes(d.image),
-                                       suffix=".png", params={"seed": d.seed}) for d in drafts])
+                                       suffix=".png", params={"seed": seed}) for seed, d in zip(seeds, drafts)])
 
-    pipe = pipeline(prof.draft_model, models, "txt2img", prof.draft.scheduler)
+    pipe = models.pipeline(prof.draft_model, "txt2img", prof.draft.scheduler)
 
     def bare(batch: int):
         out = []

@@ -29,7 +29,7 @@ PHASES = [  # (label, substrings of a frame, any of which puts a sample in the p
     ("store.save (files + rows)", ("save (store/",)),
     ("stage rows, reuse marks", ("record_stage (", "mark_reused (", "_finish_reused (")),
     ("reuse checks (keys in store, files present)", ("_refs (", "_missing (", "_to_compute (")),
-    ("model identity (weights hash)", ("identity (atelier/registry",)),
+    ("model identity (weights hash)", ("identity (atelier/sources", "identity (atelier/models")),
     ("seed lookups", ("_seed_of (",)),
     ("Prefect task engine", ("Task.__call__ (",)),
     ("Prefect subflow engine", ("Flow.__call__ (",)),

@@ -19,7 +19,8 @@ import json, sys, tempfile, time
 from pathlib import Path
 from atelier import compat; compat.apply()
 from PIL import Image
-from atelier.registry import ModelSpec, resolve
+from atelier.profiles import ModelSpec
+from atelier.sources import resolve
 from stages import postedit
 from skimage import data
 from bench.common import peak_rss_mib

@@ -16,7 +16,7 @@ from pathlib import Path
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from atelier.contact_sheet import markdown_sheet, render_html, sheet_data, thumbs_dir, write_page
-from store import open_store
+from store import Store
 
 
 def _key(*parts: str) -> str:
@@ -24,11 +24,10 @@ def _key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
 
 
-def publish_deliverable(home: str, store_url: str | None, run_id: str, campaign: str, deliverable: str) -> None:
+def publish_deliverable(st: Store, run_id: str, campaign: str, deliverable: str) -> None:
     """Publish one deliverable's artifacts."""
     from store.schema import Run
 
-    st = open_store(Path(home), store_url)
     with st.sessions() as s:
         data = sheet_data(s, s.get(Run, run_id), only=deliverable)
     d = data["deliverables"].get(deliverable, {"finals": [], "moodboard": []})
@@ -46,11 +45,10 @@ def publish_deliverable(home: str, store_url: str | None, run_id: str, campaign:
                              key=_key(campaign, deliverable, "final", str(n)))
 
 
-def publish_run(home: str, store_url: str | None, run_id: str, campaign: str) -> Path:
+def publish_run(st: Store, run_id: str, campaign: str) -> Path:
     """Write the run's HTML contact sheet into the home and link it; returns its path."""
     from store.schema import Run
 
-    st = open_store(Path(home), store_url)
     with st.sessions() as s:
         data = sheet_data(s, s.get(Run, run_id))
     sheet = write_page(render_html(data, st.files.path, thumbs_dir(st.home)), st.home / "reports" / f"{run_id}.html")

@@ -15,22 +15,22 @@ from __future__ import annotations
 import platform
 import time
 import traceback
-from collections import Counter
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import Flow, flow, get_run_logger
 
 from atelier import __version__
 from atelier.brief import Campaign, load_brief
+from atelier.models import device_used
+from atelier.progress import reporter
 from flows import STAGES
-from flows.tasks import (GPU_TAG, GPU_TASKS, RunContext, draft_task, export_task, face_task, inpaint_task,
-                         moodboard_task, refine_task, select_task, upscale_task)
 from flows.artifacts import publish_deliverable, publish_run
-from atelier.registry import device_used
-from store import lineage, open_store
+from flows.context import RunContext, RunSpec
+from flows.tasks import (GPU_TAG, GPU_TASKS, draft_task, export_task, face_task, inpaint_task, moodboard_task,
+                         refine_task, select_task, upscale_task)
+from store import lineage
 
 TASK_RUNNERS = ("sequential", "dask")
-PHASES: Counter = Counter()  # seconds this process spent exporting finals and publishing artifacts (bench/)
 
 
 def _versions() -> dict:
@@ -47,7 +47,7 @@ def _versions() -> dict:
 
 def gpu_limit_exists() -> bool:
     """Whether the Prefect server has a concurrency limit on the ``gpu`` tag (one API call per run).
-    ``prefect concurrency-limit create gpu 1`` makes one (stored as the global limit ``tag:gpu``)."""
+    ``prefect concurrency-limit create gpu 1`` makes one (stored as the concurrency limit named ``tag:gpu``)."""
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -68,14 +68,7 @@ def _deliverable_chain(ctx: RunContext, campaign: Campaign, name: str, board, su
     def call(t, *args):  # noqa: ANN001, ANN202
         if gpu_tag and t in GPU_TASKS:
             t = t.with_options(tags={GPU_TAG})
-        if submit:
-            return t.submit(*args)
-        t0 = time.perf_counter()
-        try:
-            return t(*args)
-        finally:
-            if t is export_task:
-                PHASES["export"] += time.perf_counter() - t0
+        return t.submit(*args) if submit else t(*args)
 
     d = next(x for x in campaign.brief.deliverables if x.name == name)
     current = call(draft_task, ctx, campaign, name)
@@ -94,33 +87,42 @@ def _publish(ctx: RunContext, campaign: Campaign, name: str | None) -> None:
     """Prefect artifacts of deliverable ``name``; with None, the run's (its HTML contact sheet)."""
     t0 = time.perf_counter()
     if name is None:
-        publish_run(ctx.home, ctx.store_url, ctx.run_id, campaign.brief.campaign)
+        publish_run(ctx.store, ctx.run_id, campaign.brief.campaign)
     else:
-        publish_deliverable(ctx.home, ctx.store_url, ctx.run_id, campaign.brief.campaign, name)
-    PHASES["artifacts"] += time.perf_counter() - t0
+        publish_deliverable(ctx.store, ctx.run_id, campaign.brief.campaign, name)
+    ctx.phases["artifacts"] += time.perf_counter() - t0
 
 
 @flow(name="campaign", log_prints=False, validate_parameters=False)
 def campaign_flow(brief_path: str, home: str, run_id: str, profile: str | None = None,
                   store_url: str | None = None, assets_url: str | None = None, force: str | None = None,
-                  submit: bool = False) -> str:
+                  submit: bool = False, progress: str = "none") -> str:
     """Run a brief end to end; returns the run id. Lineage goes to the store under ``home`` (or ``store_url``),
     asset files to ``<home>/assets`` (or the fsspec URL ``assets_url``).
 
     ``force``: a stage name; that stage and every later one recompute even where their assets are stored.
     ``submit``: submit the tasks to the flow's task runner (see ``campaign_flow_for``) instead of calling them.
+    ``progress``: the progress sink, ``none`` or ``rich`` (bars on the terminal).
+    The run's model calls and the seconds spent exporting and publishing go into the run's ``info``.
     """
     if force is not None and force not in STAGES:
         raise ValueError(f"force: unknown stage {force!r}; known: {', '.join(STAGES)}")
     campaign: Campaign = load_brief(brief_path)
-    profile = profile or campaign.brief.profile
-    ctx = RunContext(run_id=run_id, home=str(Path(home).resolve()), store_url=store_url, profile=profile,
-                     stages=campaign.brief.stages, brief_root=str(campaign.root), assets_url=assets_url, force=force)
-    store = open_store(Path(ctx.home), store_url, assets_url)
+    spec = RunSpec(run_id=run_id, home=str(Path(home).resolve()), profile=profile or campaign.brief.profile,
+                   store_url=store_url, assets_url=assets_url, stages=campaign.brief.stages,
+                   brief_root=str(campaign.root), force=force)
+    with reporter(progress) as sink:
+        _run(RunContext(spec, progress=sink), campaign, submit)
+    get_run_logger().info("run %s completed", run_id)
+    return run_id
+
+
+def _run(ctx: RunContext, campaign: Campaign, submit: bool) -> None:
+    store, run_id, profile = ctx.store, ctx.run_id, ctx.spec.profile
     gpu_tag = gpu_limit_exists()
     lineage.start_run(store, run_id, campaign.brief.campaign, str(campaign.path), campaign.sha256, profile,
-                      {"versions": _versions(), "force": force, "task_runner": "dask" if submit else "sequential",
-                       "gpu_tag": gpu_tag})
+                      {"versions": _versions(), "force": ctx.spec.force,
+                       "task_runner": "dask" if submit else "sequential", "gpu_tag": gpu_tag})
     names = [d.name for d in campaign.brief.deliverables]
     board_task = moodboard_task.with_options(tags={GPU_TAG}) if gpu_tag else moodboard_task
     try:
@@ -138,14 +140,17 @@ def campaign_flow(brief_path: str, home: str, run_id: str, profile: str | None =
         _publish(ctx, campaign, None)
     except BaseException as exc:
         lineage.finish_run(store, run_id, error="".join(traceback.format_exception_only(type(exc), exc)).strip(),
-                           device=device_used())
+                           device=device_used(), info=_counters(ctx))
         raise
-    lineage.finish_run(store, run_id, device=device_used())
-    get_run_logger().info("run %s completed", run_id)
-    return run_id
+    lineage.finish_run(store, run_id, device=device_used(), info=_counters(ctx))
 
 
-def campaign_flow_for(task_runner: str = "sequential", workers: int = 2):
+def _counters(ctx: RunContext) -> dict:
+    """What this process counted for the run (a Dask run's model calls happen in its workers: see stage rows)."""
+    return {"model_calls": ctx.calls.to_dict(), "phases": {k: round(v, 4) for k, v in ctx.phases.items()}}
+
+
+def campaign_flow_for(task_runner: str = "sequential", workers: int = 2) -> Flow:
     """``campaign_flow`` with its task runner: ``sequential`` (in this process) or ``dask`` (a local Dask
     cluster of ``workers`` processes, started with the run and closed after it). Call it with ``submit=True``
     for dask."""

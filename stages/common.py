@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-Progress = Callable[[int, int], None]  # (done, total); stages report through it, UIs live elsewhere
+
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -29,19 +29,19 @@ def png_bytes(image: Image.Image, text: dict[str, str] | None = None, compress_l
     return buf.getvalue()
 
 
-def generators(seeds: Sequence[int], device: str):
+def generators(seeds: Sequence[int], device: str) -> list:
     """One seeded ``torch.Generator`` per image, so image i depends only on seed i, not on batching."""
     import torch
 
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
-def batched(items: Sequence, size: int):
+def batched(items: Sequence, size: int) -> Iterator[Sequence]:
     for i in range(0, len(items), max(1, size)):
         yield items[i : i + size]
 
 
-def embed_images(clip, images: Sequence[Image.Image]) -> np.ndarray:
+def embed_images(clip: Any, images: Sequence[Image.Image]) -> np.ndarray:
     """CLIP image embeddings, L2-normalised: (N, D) float32."""
     import torch
 
@@ -52,7 +52,7 @@ def embed_images(clip, images: Sequence[Image.Image]) -> np.ndarray:
     return e.cpu().numpy()
 
 
-def embed_texts(clip, texts: Sequence[str]) -> np.ndarray:
+def embed_texts(clip: Any, texts: Sequence[str]) -> np.ndarray:
     """CLIP text embeddings, L2-normalised: (N, D) float32."""
     import torch
 

@@ -13,18 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
-from atelier.registry import ModelSpec, load_clip
+from atelier.models import Models
+from atelier.profiles import ModelSpec
 from stages.common import embed_images, load_rgb
+from stages.protocol import Input, Stage, parent, uses_model
 
 STAGE_VERSION = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MoodboardRequest:
-    references: tuple[Path, ...]
-    clip: ModelSpec
-    models_dir: Path
-    max_style_refs: int = 4
+    max_style_refs: int
+    references: tuple[Input, ...] = parent("source")
+    clip: ModelSpec = uses_model("clip")
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,12 @@ def check_inputs(req: MoodboardRequest) -> None:
         raise ValueError(f"max_style_refs must be >= 1, got {req.max_style_refs}")
 
 
-def build_moodboard(req: MoodboardRequest) -> Moodboard:
+def build_moodboard(req: MoodboardRequest, models: Models) -> Moodboard:
     # 1. Check inputs
     check_inputs(req)
     # 2. Load the CLIP model (once per process) and the references
-    clip = load_clip(req.clip, req.models_dir)
-    images = [load_rgb(p) for p in req.references]
+    clip = models.clip(req.clip)
+    images = [load_rgb(r.path) for r in req.references]
     # 3. Embed and find the centroid
     emb = embed_images(clip, images)  # (N, D)
     centroid = emb.mean(axis=0)
@@ -68,3 +69,6 @@ def build_moodboard(req: MoodboardRequest) -> Moodboard:
     # 4. Keep the most central references as style references (stable order for equal scores)
     order = sorted(range(len(images)), key=lambda i: (-float(centrality[i]), i))
     return Moodboard(emb, centroid, tuple(float(c) for c in centrality), tuple(order[: req.max_style_refs]))
+
+
+STAGE = Stage("moodboard", STAGE_VERSION, build_moodboard, kind="embedding")

@@ -12,6 +12,8 @@ Three independent steps, each a plain function over its own request:
 
 from __future__ import annotations
 
+from typing import Any
+
 import contextlib
 import io
 from dataclasses import dataclass
@@ -20,11 +22,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from atelier.registry import ModelSpec, device, load_face_restorer, load_upscaler, pipeline
-from stages.common import Progress, generators, load_rgb
+from atelier.models import Models, device
+from atelier.profiles import ModelSpec
+from stages.common import generators, load_rgb
 from stages.prompts import prompt_kwargs
+from stages.protocol import Input, Output, Progress, Stage, parent, per_item, runtime, uses_model
 
-STAGE_VERSIONS = {"mask": 1, "inpaint": 1, "face_restore": 1, "upscale": 1}
+STAGE_VERSIONS = {"mask": 2, "inpaint": 2, "face_restore": 2, "upscale": 2}
+HAAR_CASCADE = "haarcascade_frontalface_default.xml"
+HAAR_DETECTOR = f"opencv-haar:{HAAR_CASCADE}"
 
 
 # ------------------------------------------------------------------------------------------ inpaint
@@ -56,51 +62,104 @@ def face_mask(image: Image.Image, max_faces: int = 4, grow: float = 0.15) -> tup
     return mask, boxes
 
 
-@dataclass(frozen=True)
+# Masks are assets like any other: three ways to make one, each a stage with its own request.
+@dataclass(frozen=True, kw_only=True)
+class RegionMaskRequest:
+    """One mask for every image of a deliverable: a rectangle or ellipse at fractions of the size."""
+
+    region: tuple[float, float, float, float]  # x, y, w, h as fractions
+    shape: str  # rect | ellipse
+    width: int
+    height: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileMaskRequest:
+    """The brief's mask image (white = repaint), identified by its bytes."""
+
+    source: str  # the file, relative to the brief's folder (recorded; its bytes are in sha256)
+    sha256: str
+    file: Path = runtime(None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaceMaskRequest:
+    """One mask per image: ellipses over the faces found in it."""
+
+    detector: str = HAAR_DETECTOR
+    sources: tuple[Input, ...] = per_item("source", role="source")
+
+
+def region_masks(req: RegionMaskRequest, models: Models, on_progress: Progress | None = None) -> list[Output]:
+    return [Output(region_mask((req.width, req.height), req.region, req.shape))]
+
+
+def file_masks(req: FileMaskRequest, models: Models, on_progress: Progress | None = None) -> list[Output]:
+    import hashlib
+
+    data = Path(req.file).read_bytes()
+    if hashlib.sha256(data).hexdigest() != req.sha256:
+        raise ValueError(f"mask file {req.source} changed while the run was using it")
+    with Image.open(io.BytesIO(data)) as m:
+        return [Output(m.convert("L"))]
+
+
+def face_masks(req: FaceMaskRequest, models: Models, on_progress: Progress | None = None) -> list[Output]:
+    if req.detector != HAAR_DETECTOR:
+        raise ValueError(f"unknown face detector {req.detector!r}; known: {HAAR_DETECTOR}")
+    out = []
+    for n, src in enumerate(req.sources):
+        mask, boxes = face_mask(load_rgb(src.path))
+        out.append(Output(mask, {"faces": [list(b) for b in boxes]}))
+        if on_progress:
+            on_progress(n + 1, len(req.sources))
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
 class InpaintRequest:
-    sources: tuple[Path, ...]
-    masks: tuple[Path, ...]  # one per source, or one for all; white = repaint; resized to its source
     prompt: str
     negative: str
-    seeds: tuple[int, ...]
     steps: int
     guidance: float
     strength: float
     scheduler: str
-    style_refs: tuple[Path, ...]
     ip_adapter_scale: float
-    model: ModelSpec
-    ip_adapter: ModelSpec
-    models_dir: Path
-    multiple: int = 8  # the pipeline works at sizes rounded to this; the result is resized back
+    multiple: int  # the pipeline works at sizes rounded to this; the result is resized back
+    model: ModelSpec = uses_model("pipeline")
+    ip_adapter: ModelSpec = uses_model("ip_adapter")
+    style_refs: tuple[Input, ...] = parent("style-ref")
+    sources: tuple[Input, ...] = per_item("source", role="source")
+    masks: tuple[Input, ...] = per_item("mask", role="mask")  # one per source; white = repaint; resized to it
+    seeds: tuple[int, ...] = per_item("seed")
 
 
 def check_inpaint(req: InpaintRequest) -> None:
     if len(req.sources) != len(req.seeds):
         raise ValueError(f"{len(req.sources)} sources but {len(req.seeds)} seeds")
-    if len(req.masks) not in (1, len(req.sources)):
-        raise ValueError(f"give one mask, or one per source ({len(req.sources)}), got {len(req.masks)}")
+    if len(req.masks) != len(req.sources):
+        raise ValueError(f"give one mask per source ({len(req.sources)}), got {len(req.masks)}")
     if not req.prompt.strip():
         raise ValueError("inpaint needs a prompt")
     if req.model.family == "flux" and req.multiple % 16:
         raise ValueError(f"FLUX inpaints at multiples of 16 (VAE factor 8 x 2x2 patches), got multiple={req.multiple}")
 
 
-def inpaint(req: InpaintRequest, on_progress: Progress | None = None) -> list[Image.Image]:
+def inpaint(req: InpaintRequest, models: Models, on_progress: Progress | None = None) -> list[Output]:
     # 1. Check inputs
     check_inpaint(req)
     # 2. Inpaint pipeline sharing the base modules, with IP-Adapter style refs
-    pipe = pipeline(req.model, req.models_dir, "inpaint", req.scheduler, ip_adapter=req.ip_adapter)
+    pipe = models.pipeline(req.model, "inpaint", req.scheduler, ip_adapter=req.ip_adapter)
     pipe.set_ip_adapter_scale(req.ip_adapter_scale)
-    refs = [load_rgb(p) for p in req.style_refs]
+    refs = [load_rgb(r.path) for r in req.style_refs]
     dev = device()
     out = []
-    for n, (src, seed) in enumerate(zip(req.sources, req.seeds)):
+    for n, (src, mask_in, seed) in enumerate(zip(req.sources, req.masks, req.seeds)):
         # 3. Work at a size the pipeline accepts, then come back to the source size
-        image = load_rgb(src)
+        image = load_rgb(src.path)
         w, h = image.size
         ww, hh = max(req.multiple, w // req.multiple * req.multiple), max(req.multiple, h // req.multiple * req.multiple)
-        with Image.open(req.masks[n] if len(req.masks) > 1 else req.masks[0]) as m:
+        with Image.open(mask_in.path) as m:
             mask = m.convert("L").resize((w, h), Image.Resampling.NEAREST)
         result = pipe(
             **prompt_kwargs(pipe, req.model.family, [req.prompt],
@@ -111,30 +170,22 @@ def inpaint(req: InpaintRequest, on_progress: Progress | None = None) -> list[Im
             generator=generators([seed], dev)[0],
         ).images[0].resize((w, h), Image.Resampling.LANCZOS)
         # 4. Outside the mask the output is exactly the input
-        out.append(Image.composite(result, image, mask))
+        out.append(Output(Image.composite(result, image, mask)))
         if on_progress:
             on_progress(n + 1, len(req.sources))
     return out
 
 
 # ------------------------------------------------------------------------------------- face restore
-HAAR_CASCADE = "haarcascade_frontalface_default.xml"
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FaceRequest:
-    sources: tuple[Path, ...]
-    face: ModelSpec
-    models_dir: Path
-    face_size: int = 512  # the restorer's input/output size
+    face_size: int  # the restorer's input/output size
     max_faces: int = 4  # per image, largest first
     margin: float = 0.5  # crop = face box grown by this fraction on each side
-
-
-@dataclass(frozen=True)
-class FaceResult:
-    image: Image.Image
-    boxes: tuple[tuple[int, int, int, int], ...]  # detected faces (x, y, w, h), largest first
+    detector: str = HAAR_DETECTOR
+    face: ModelSpec = uses_model("face")
+    sources: tuple[Input, ...] = per_item("source", role="source")
 
 
 def detect_faces(image: Image.Image, max_faces: int) -> list[tuple[int, int, int, int]]:
@@ -151,7 +202,7 @@ def detect_faces(image: Image.Image, max_faces: int) -> list[tuple[int, int, int
     return boxes[:max_faces]
 
 
-def _restore_crop(net, crop: Image.Image, size: int) -> Image.Image:
+def _restore_crop(net: Any, crop: Image.Image, size: int) -> Image.Image:
     import torch
 
     x = torch.from_numpy(np.array(crop.resize((size, size), Image.Resampling.LANCZOS))).float()
@@ -162,19 +213,22 @@ def _restore_crop(net, crop: Image.Image, size: int) -> Image.Image:
     return Image.fromarray(y).resize(crop.size, Image.Resampling.LANCZOS)
 
 
-def restore_faces(req: FaceRequest, on_progress: Progress | None = None) -> list[FaceResult]:
+def restore_faces(req: FaceRequest, models: Models, on_progress: Progress | None = None) -> list[Output]:
+    """Each output records the detected faces (x, y, w, h), largest first, as its ``faces`` fact."""
     # 1. Check inputs
     if req.max_faces < 1:
         raise ValueError(f"max_faces must be >= 1, got {req.max_faces}")
+    if req.detector != HAAR_DETECTOR:
+        raise ValueError(f"unknown face detector {req.detector!r}; known: {HAAR_DETECTOR}")
     out = []
     net = None
     for n, src in enumerate(req.sources):
-        image = load_rgb(src)
+        image = load_rgb(src.path)
         # 2. Detect
         boxes = detect_faces(image, req.max_faces)
         result = image.copy()
         if boxes and net is None:
-            net = load_face_restorer(req.face, req.models_dir)
+            net = models.face_restorer(req.face)
         for x, y, w, h in boxes:
             # 3. Square crop with margin, clipped to the image
             cx, cy, side = x + w / 2, y + h / 2, max(w, h) * (1 + 2 * req.margin)
@@ -187,46 +241,49 @@ def restore_faces(req: FaceRequest, on_progress: Progress | None = None) -> list
             mask = Image.new("L", crop.size, 0)
             ImageDraw.Draw(mask).ellipse([feather, feather, crop.width - feather - 1, crop.height - feather - 1], fill=255)
             result.paste(restored, box[:2], mask.filter(ImageFilter.GaussianBlur(feather / 2)))
-        out.append(FaceResult(result, tuple(boxes)))
+        out.append(Output(result, {"faces": [list(b) for b in boxes]}))
         if on_progress:
             on_progress(n + 1, len(req.sources))
     return out
 
 
 # ------------------------------------------------------------------------------------------ upscale
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class UpscaleRequest:
-    sources: tuple[Path, ...]
-    size: tuple[int, int]  # delivered (width, height)
-    model: ModelSpec
-    models_dir: Path
-    tile: int = 256  # input px per tile; bounds peak memory
+    width: int  # delivered size
+    height: int
+    tile: int = 256  # input px per tile; bounds peak memory (tiles are padded, yet seams may differ by a level)
+    fit: str = "cover-lanczos"  # x4, then a Lanczos cover-fit (centre crop of any aspect mismatch)
+    model: ModelSpec = uses_model("upscale")
+    sources: tuple[Input, ...] = per_item("source", role="source")
 
 
-def upscale(req: UpscaleRequest, on_progress: Progress | None = None) -> list[Image.Image]:
+def upscale(req: UpscaleRequest, models: Models, on_progress: Progress | None = None) -> list[Output]:
     # 1. Check inputs
-    if min(req.size) < 1 or req.tile < 16:
-        raise ValueError(f"bad upscale request: size {req.size}, tile {req.tile}")
+    if min(req.width, req.height) < 1 or req.tile < 16:
+        raise ValueError(f"bad upscale request: size {req.width}x{req.height}, tile {req.tile}")
+    if req.fit != "cover-lanczos":
+        raise ValueError(f"unknown fit {req.fit!r}; known: cover-lanczos")
     out = []
     for n, src in enumerate(req.sources):
-        image = load_rgb(src)
+        image = load_rgb(src.path)
         # 2. Real-ESRGAN works in BGR uint8 (its tile loop prints per tile: kept off stdout)
-        up = _enhance_with_backoff(np.asarray(image)[:, :, ::-1].copy(), req)
+        up = _enhance_with_backoff(np.asarray(image)[:, :, ::-1].copy(), req, models)
         big = Image.fromarray(np.ascontiguousarray(up[:, :, ::-1]))
         # 3. Cover-fit to the exact delivered size (centre crop of any aspect mismatch)
-        out.append(ImageOps.fit(big, req.size, Image.Resampling.LANCZOS))
+        out.append(Output(ImageOps.fit(big, (req.width, req.height), Image.Resampling.LANCZOS)))
         if on_progress:
             on_progress(n + 1, len(req.sources))
     return out
 
 
-def _enhance_with_backoff(bgr: np.ndarray, req: UpscaleRequest) -> np.ndarray:
+def _enhance_with_backoff(bgr: np.ndarray, req: UpscaleRequest, models: Models) -> np.ndarray:
     """x4 with the requested tile size; on CUDA out-of-memory, retry with half the tile (down to 32 px)."""
     import torch
 
     tile = req.tile
     while True:
-        upsampler = load_upscaler(req.model, req.models_dir, tile)
+        upsampler = models.upscaler(req.model, tile)
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 up, _ = upsampler.enhance(bgr, outscale=upsampler.scale)
@@ -236,3 +293,11 @@ def _enhance_with_backoff(bgr: np.ndarray, req: UpscaleRequest) -> np.ndarray:
                 raise
             torch.cuda.empty_cache()
             tile //= 2
+
+
+MASK_REGION = Stage("mask", STAGE_VERSIONS["mask"], region_masks, kind="mask")
+MASK_FILE = Stage("mask", STAGE_VERSIONS["mask"], file_masks, kind="mask")
+MASK_FACES = Stage("mask", STAGE_VERSIONS["mask"], face_masks, kind="mask")
+INPAINT = Stage("inpaint", STAGE_VERSIONS["inpaint"], inpaint)
+FACE_RESTORE = Stage("face_restore", STAGE_VERSIONS["face_restore"], restore_faces)
+UPSCALE = Stage("upscale", STAGE_VERSIONS["upscale"], upscale)

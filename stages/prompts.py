@@ -8,6 +8,8 @@ encoder has no such weighting: its prompts are passed as text.
 
 from __future__ import annotations
 
+from typing import Any
+
 import re
 
 WEIGHTED = re.compile(r"\(([^()]+?):\s*([0-9]*\.?[0-9]+)\s*\)")  # (fragment:1.3)
@@ -22,7 +24,7 @@ def to_compel(text: str) -> str:
     return WEIGHTED.sub(lambda m: f"({m[1]}){m[2]}", text)
 
 
-def prompt_kwargs(pipe, family: str, prompts: list[str], negatives: list[str] | None) -> dict:
+def prompt_kwargs(pipe: Any, family: str, prompts: list[str], negatives: list[str] | None) -> dict:
     """Keyword arguments for a diffusers pipeline call: text, or compel embeddings when weights are used."""
     texts = list(prompts) + list(negatives or [])
     if family == "flux" or not any(has_weights(t) for t in texts):

@@ -12,26 +12,26 @@ Every draft's scores and the decision are returned, kept or not.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from atelier.registry import ModelSpec, load_clip
+from atelier.models import Models
+from atelier.profiles import ModelSpec
 from stages.common import embed_images, embed_texts, load_rgb
 from stages.moodboard import Moodboard
+from stages.protocol import Input, Stage, parent, uses_model
 
 STAGE_VERSION = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SelectRequest:
     prompt: str
-    drafts: tuple[Path, ...]
-    moodboard: Path  # the mood-board .npz written by stage 1
     keep: int
-    clip: ModelSpec
-    models_dir: Path
-    weights: tuple[float, float, float] = (1.0, 0.5, 0.3)  # prompt fit, mood-board fit, diversity
+    weights: tuple[float, float, float]  # prompt fit, mood-board fit, diversity
+    drafts: tuple[Input, ...] = parent("source")
+    moodboard: Input = parent("moodboard")  # the mood-board .npz written by stage 1
+    clip: ModelSpec = uses_model("clip")
 
 
 @dataclass(frozen=True)
@@ -76,14 +76,14 @@ def mmr(base: np.ndarray, sim: np.ndarray, keep: int, diversity: float) -> tuple
     return kept, penalty
 
 
-def select_drafts(req: SelectRequest) -> Selection:
+def select_drafts(req: SelectRequest, models: Models) -> Selection:
     # 1. Check inputs
     check_inputs(req)
     # 2. Embed drafts and prompt with CLIP; read the mood board
-    clip = load_clip(req.clip, req.models_dir)
-    x = embed_images(clip, [load_rgb(p) for p in req.drafts])  # (N, D)
+    clip = models.clip(req.clip)
+    x = embed_images(clip, [load_rgb(d.path) for d in req.drafts])  # (N, D)
     t = embed_texts(clip, [req.prompt])[0]  # (D,)
-    board = Moodboard.from_file(req.moodboard)
+    board = Moodboard.from_file(req.moodboard.path)
     # 3. Score
     w_p, w_m, w_d = req.weights
     p = x @ t  # (N,)
@@ -97,3 +97,7 @@ def select_drafts(req: SelectRequest) -> Selection:
         for i in range(len(req.drafts))
     )
     return Selection(scores, tuple(kept))
+
+
+# The decision over all drafts is one item: its key names the selection (every kept asset derives from it).
+STAGE = Stage("select-decision", STAGE_VERSION, select_drafts, kind="decision")

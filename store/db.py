@@ -8,9 +8,10 @@ processes opening a fresh store at once create the tables once.
 
 from __future__ import annotations
 
+from typing import Any
+
 import os
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, inspect, make_url, text
@@ -24,9 +25,6 @@ WRITE = "atelier_write"  # connection execution option: this transaction writes 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 BASELINE = "0001"  # the schema stores had before migrations existed (made by create_all)
 _PG_MIGRATE_LOCK = 0x6174656C  # pg_advisory_xact_lock key ("atel") held while migrating
-
-_stores: dict[tuple[str, str, str], "Store"] = {}
-
 
 class _Session(Session):
     """A session whose explicit ``begin()`` means "this transaction writes".
@@ -53,6 +51,11 @@ class Store:
     home: Path
     sessions: sessionmaker[Session]
     files: AssetFiles | FsspecFiles
+    saves: int = 0  # save() calls made through this store (the crash tests' fault points count them)
+
+    def count_save(self) -> int:
+        self.saves += 1
+        return self.saves
 
     @property
     def dialect(self) -> str:
@@ -64,31 +67,23 @@ def default_url(home: Path) -> str:
 
 
 def open_store(home: Path, url: str | None = None, assets: str | None = None) -> Store:
-    """The store for ``home`` (created on first use, migrated to the current schema), cached per process.
+    """The store for ``home`` (created on first use, migrated to the current schema).
 
     ``url``: SQLAlchemy URL of the lineage database (default SQLite ``<home>/lineage.db``). ``assets``: fsspec
-    URL of the asset files; without it, ``$ATELIER_ASSETS``, else the assets this process already opened this
-    store with (a flow given ``assets_url`` opens it first, so helpers that only know home and URL find the
-    same files), else ``<home>/assets``. A database that cannot be reached or an unknown asset protocol
-    raises ``StoreError`` before anything is written.
+    URL of the asset files; without it, ``$ATELIER_ASSETS``, else ``<home>/assets``. Each call opens the store
+    anew: a run opens it once and passes it on. A database that cannot be reached or an unknown asset
+    protocol raises ``StoreError`` before anything is written.
     """
     home = Path(home).resolve()
     url = url or default_url(home)
     assets = assets or os.environ.get("ATELIER_ASSETS") or None
-    if assets is None:
-        assets = next((key[2] for key in _stores if key[:2] == (str(home), url)), None)
-    cache_key = (str(home), url, assets or "")
-    if cache_key in _stores:
-        return _stores[cache_key]
     files = open_files(home, assets)
     engine = _engine(url, home)
     _check_connects(engine, url)
     migrate(engine)
     home.mkdir(parents=True, exist_ok=True)  # models, outputs, asset cache
     sessions = sessionmaker(engine, class_=_Session, expire_on_commit=False)
-    store = Store(url=url, home=home, sessions=sessions, files=files)
-    _stores[cache_key] = store
-    return store
+    return Store(url=url, home=home, sessions=sessions, files=files)
 
 
 def _engine(url: str, home: Path) -> Engine:
@@ -136,7 +131,7 @@ def _check_connects(engine: Engine, url: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- migrations
-def alembic_config(connection: Connection | None = None):
+def alembic_config(connection: Connection | None = None) -> Any:
     """Alembic's configuration for the packaged migrations (no alembic.ini); ``connection`` goes to env.py."""
     from alembic.config import Config
 
@@ -146,7 +141,6 @@ def alembic_config(connection: Connection | None = None):
     return cfg
 
 
-@cache
 def head_revision() -> str:
     from alembic.script import ScriptDirectory
 

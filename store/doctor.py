@@ -33,12 +33,13 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from store.db import Store, default_url
 from store.files import Staged
-from store.lineage import process_start, utcnow
+from store import lineage
+from store.lineage import process_start
 from store.schema import Asset, Edge, Run, RunAsset, Score, StageRun
 
 STALE_AFTER = 300.0  # seconds; a save() keeps a temp file for at most busy_timeout (30 s) plus a write
@@ -242,9 +243,8 @@ def repair(store: Store, report: Report) -> list[str]:
     for p in by_kind.get("dead-run", []):
         with store.sessions.begin() as s:
             run = s.get(Run, p.ref[0])
-            if run is not None and run.status == "running" and _alive(run.info or {}) is False:
-                run.status, run.finished_at = "failed", utcnow()
-                run.error = "process died (found by atelier doctor)"
+            if run is not None and _alive(run.info or {}) is False and lineage.mark_dead_run(
+                    s, run.id, "process died (found by atelier doctor)"):
                 done.append(f"run {run.id}: marked failed")
     # 2. Committed bytes left in assets/.tmp: move them into place (finishing the interrupted save()).
     for p in by_kind.get("unpublished", []):
@@ -263,16 +263,12 @@ def repair(store: Store, report: Report) -> list[str]:
         "dangling-stage-run", [])
     if doomed or decisions or dangling:
         with store.sessions.begin() as s:
-            for p in by_kind.get("dangling-edge", []):
-                child, parent, role = p.ref
-                s.execute(delete(Edge).where(Edge.child == child, Edge.parent == parent, Edge.role == role))
-                if s.get(Asset, parent) is None:
-                    doomed.add(child)  # its lineage is broken
-            for p in by_kind.get("dangling-run-asset", []):
-                s.execute(delete(RunAsset).where(RunAsset.run_id == p.ref[0], RunAsset.asset_key == p.ref[1]))
-            for p in by_kind.get("dangling-stage-run", []):
-                s.execute(delete(StageRun).where(StageRun.id == p.ref[0]))
-            deleted, paths = _delete_assets(s, doomed, decisions)
+            edges = [tuple(p.ref) for p in by_kind.get("dangling-edge", [])]
+            doomed |= {child for child, parent, _ in edges if s.get(Asset, parent) is None}  # lineage broken
+            lineage.delete_rows(s, edges=edges,
+                                run_assets=[tuple(p.ref[:2]) for p in by_kind.get("dangling-run-asset", [])],
+                                stage_runs=[p.ref[0] for p in by_kind.get("dangling-stage-run", [])])
+            deleted, paths = lineage.delete_assets(s, doomed, decisions)
         done += [f"asset {k}: deleted" + ("" if k in doomed else ", as it was computed from a deleted one")
                  for k in sorted(deleted)]
         done += [f"{p.kind} {p.subject}: deleted" for p in dangling]
@@ -301,31 +297,3 @@ def _sha_of(store: Store, key: str) -> str | None:
     with store.sessions() as s:
         a = s.get(Asset, key)
         return a.sha256 if a else None
-
-
-def _delete_assets(s: Session, keys: set[str], decisions: set[str]) -> tuple[set[str], set[str]]:
-    """Delete ``keys``, everything computed from them, and the selection ``decisions`` (with what they
-    selected), with their edges, run memberships and scores; returns the deleted keys and their files."""
-    doomed: set[str] = set()
-    decisions = set(decisions)
-    todo = set(keys) | _selected_by(s, decisions)
-    while todo:
-        doomed |= todo
-        children = set(s.scalars(select(Edge.child).where(Edge.parent.in_(todo))))
-        # A selection is one decision over all its drafts: when one draft goes, the decision goes whole.
-        new_decisions = set(s.scalars(select(Score.decision).where(Score.draft_key.in_(todo)))) - decisions
-        decisions |= new_decisions
-        todo = (children | _selected_by(s, new_decisions)) - doomed
-    paths = set(s.scalars(select(Asset.path).where(Asset.key.in_(doomed))))
-    s.execute(delete(Score).where(Score.decision.in_(decisions) | Score.draft_key.in_(doomed)))
-    s.execute(delete(Edge).where(Edge.child.in_(doomed) | Edge.parent.in_(doomed)))
-    s.execute(delete(RunAsset).where(RunAsset.asset_key.in_(doomed)))
-    s.execute(delete(Asset).where(Asset.key.in_(doomed)))
-    return doomed, paths
-
-
-def _selected_by(s: Session, decisions: set[str]) -> set[str]:
-    if not decisions:
-        return set()
-    return {a.key for a in s.scalars(select(Asset).where(Asset.stage == "select"))
-            if (a.params or {}).get("decision") in decisions}

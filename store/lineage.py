@@ -9,12 +9,14 @@ are gone, points the row at the new file. ``atelier doctor`` finds and repairs w
 
 Crash tests kill the process inside ``save()`` on purpose: ``ATELIER_FAULT=<point>`` with
 ``ATELIER_FAULT_AFTER=N`` sends SIGKILL to this process at ``<point>`` of its N-th ``save()`` call (see
-``FAULT_POINTS``). Unset, it costs one dictionary lookup per point.
+``FAULT_POINTS``; the store counts its ``save()`` calls). Unset, it costs one dictionary lookup per point.
+
+``atelier doctor``'s repairs write through this module too (``mark_dead_run``, ``delete_rows``,
+``delete_assets``).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import signal
@@ -25,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from store.db import Store
@@ -39,8 +41,6 @@ FAULT_POINTS = (
     "after-commit",  # committed, no file moved into place
     "mid-publish",  # the first file moved into place, the others still in assets/.tmp
 )
-_save_calls = itertools.count(1)
-_save_call = 0  # number of the current save() call in this process
 
 
 def utcnow() -> datetime:
@@ -54,7 +54,7 @@ class NewAsset:
     kind: str  # image | mask | embedding
     campaign: str
     deliverable: str | None
-    data: bytes  # the encoded file (PNG, .npy)
+    data: bytes  # the encoded file (PNG; a mood board's .npz)
     suffix: str
     params: dict
     model: dict | None = None
@@ -85,10 +85,9 @@ def save(store: Store, run_id: str, assets: Sequence[NewAsset], scores: Sequence
     for the first to commit and then does nothing. Keys are inserted in sorted order, so two writers of
     overlapping batches take their row locks in the same order and cannot deadlock.
     """
-    global _save_call
-    _save_call = next(_save_calls)
+    call = store.count_save()
     staged = [store.files.stage(a.data, a.suffix) for a in assets]
-    _fault("after-stage")
+    _fault("after-stage", call)
     publish, drop = [], []  # temp files to move into place / to delete after the commit
     try:
         with store.sessions.begin() as s:
@@ -109,9 +108,9 @@ def save(store: Store, run_id: str, assets: Sequence[NewAsset], scores: Sequence
             for sc in scores:
                 _upsert(s, Score, sc.__dict__, ("decision", "draft_key"))
             s.flush()
-            _fault("before-commit")
-            _fault("in-commit")
-        _fault("after-commit")
+            _fault("before-commit", call)
+            _fault("in-commit", call)
+        _fault("after-commit", call)
     except BaseException:
         for st in staged:
             store.files.discard(st)
@@ -119,7 +118,7 @@ def save(store: Store, run_id: str, assets: Sequence[NewAsset], scores: Sequence
     for i, st in enumerate(publish):
         store.files.publish(st)
         if i == 0:
-            _fault("mid-publish")
+            _fault("mid-publish", call)
     for st in drop:
         store.files.discard(st)
     return [a.key for a in assets]
@@ -176,9 +175,9 @@ def _jsonable(params: dict) -> dict:
     return json.loads(json.dumps(params, default=str))
 
 
-def _fault(point: str) -> None:
+def _fault(point: str, call: int) -> None:
     """Crash-test hook: SIGKILL this process at ``point`` of save() call number ``ATELIER_FAULT_AFTER``."""
-    if os.environ.get("ATELIER_FAULT") != point or _save_call != int(os.environ.get("ATELIER_FAULT_AFTER", "1")):
+    if os.environ.get("ATELIER_FAULT") != point or call != int(os.environ.get("ATELIER_FAULT_AFTER", "1")):
         return
     if point == "in-commit":
         delay = float(os.environ.get("ATELIER_FAULT_DELAY_MS", "0")) / 1000
@@ -218,14 +217,17 @@ def process_start(pid: int) -> int | None:
     return int(stat[stat.rindex(")") + 2:].split()[19])  # field 22; the name in (...) may contain spaces
 
 
-def finish_run(store: Store, run_id: str, error: str | None = None, device: str | None = None) -> None:
+def finish_run(store: Store, run_id: str, error: str | None = None, device: str | None = None,
+               info: dict | None = None) -> None:
+    """Record a run's end; ``info`` (e.g. the process's counters) is merged into the run's ``info``."""
     with store.sessions.begin() as s:
         run = s.get(Run, run_id)
         run.status = "failed" if error else "completed"
         run.error = error
         run.finished_at = utcnow()
-        if device is not None:
-            run.info = {**(run.info or {}), "device": device}
+        extra = {**(info or {}), **({"device": device} if device is not None else {})}
+        if extra:
+            run.info = {**(run.info or {}), **extra}
 
 
 def record_stage(store: Store, run_id: str, deliverable: str | None, stage: str, seconds: float,
@@ -237,3 +239,52 @@ def record_stage(store: Store, run_id: str, deliverable: str | None, stage: str,
 
 def scores_for(session: Session, decision: str) -> list[Score]:
     return list(session.scalars(select(Score).where(Score.decision == decision)))
+
+
+# ------------------------------------------------------------------------------------- repairs (doctor)
+def mark_dead_run(s: Session, run_id: str, reason: str) -> bool:
+    """A "running" run whose process is gone: failed, with ``reason``. False if it is not running."""
+    run = s.get(Run, run_id)
+    if run is None or run.status != "running":
+        return False
+    run.status, run.finished_at, run.error = "failed", utcnow(), reason
+    return True
+
+
+def delete_rows(s: Session, edges: Sequence[tuple[str, str, str]] = (), run_assets: Sequence[tuple[str, str]] = (),
+                stage_runs: Sequence[int] = ()) -> None:
+    """Delete single rows: edges (child, parent, role), run memberships (run, key) and stage rows (id)."""
+    for child, parent, role in edges:
+        s.execute(delete(Edge).where(Edge.child == child, Edge.parent == parent, Edge.role == role))
+    for run_id, key in run_assets:
+        s.execute(delete(RunAsset).where(RunAsset.run_id == run_id, RunAsset.asset_key == key))
+    for row_id in stage_runs:
+        s.execute(delete(StageRun).where(StageRun.id == row_id))
+
+
+def delete_assets(s: Session, keys: set[str], decisions: set[str]) -> tuple[set[str], set[str]]:
+    """Delete ``keys``, everything computed from them, and the selection ``decisions`` (with what they
+    selected), with their edges, run memberships and scores; returns the deleted keys and their files."""
+    doomed: set[str] = set()
+    decisions = set(decisions)
+    todo = set(keys) | _selected_by(s, decisions)
+    while todo:
+        doomed |= todo
+        children = set(s.scalars(select(Edge.child).where(Edge.parent.in_(todo))))
+        # A selection is one decision over all its drafts: when one draft goes, the decision goes whole.
+        new_decisions = set(s.scalars(select(Score.decision).where(Score.draft_key.in_(todo)))) - decisions
+        decisions |= new_decisions
+        todo = (children | _selected_by(s, new_decisions)) - doomed
+    paths = set(s.scalars(select(Asset.path).where(Asset.key.in_(doomed))))
+    s.execute(delete(Score).where(Score.decision.in_(decisions) | Score.draft_key.in_(doomed)))
+    s.execute(delete(Edge).where(Edge.child.in_(doomed) | Edge.parent.in_(doomed)))
+    s.execute(delete(RunAsset).where(RunAsset.asset_key.in_(doomed)))
+    s.execute(delete(Asset).where(Asset.key.in_(doomed)))
+    return doomed, paths
+
+
+def _selected_by(s: Session, decisions: set[str]) -> set[str]:
+    if not decisions:
+        return set()
+    return {a.key for a in s.scalars(select(Asset).where(Asset.stage == "select"))
+            if (a.params or {}).get("decision") in decisions}

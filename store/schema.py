@@ -23,7 +23,7 @@ class Run(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    info: Mapped[dict] = mapped_column(JSON, default=dict)  # versions, device, prefect flow run id
+    info: Mapped[dict] = mapped_column(JSON, default=dict)  # versions, device, pid/host, model calls, phase seconds
 
 
 class Asset(Base):

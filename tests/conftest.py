@@ -34,8 +34,16 @@ def models_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def models(models_dir):
+    """The process's model cache over the session's tiny models (what stage functions take)."""
+    from atelier.models import Models
+
+    return Models.at(models_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_profile():
-    from atelier.registry import get_profile
+    from atelier.profiles import get_profile
 
     return get_profile("tiny")
 

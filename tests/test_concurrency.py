@@ -24,6 +24,8 @@ from store.schema import Asset, Run, RunAsset
 from tests.test_crash import (build_tiny_models, doctor_cli, new_home, prefect_api,  # noqa: F401 (a fixture)
                               run_env, start_run, write_brief)
 
+pytestmark = pytest.mark.slow  # concurrent runs and processes (make test-fast skips them)
+
 # A worker process: imports `store` (only), waits for the go file, then does its part.
 WORKER = """
 import sys, time
@@ -164,7 +166,7 @@ def test_four_runs_of_two_briefs_on_one_fresh_home(prefect_api, tmp_path) -> Non
     assert rc == 0 and report["healthy"] and not report["notes"], report
     tiny = home / "models" / "tiny"
     assert not [p.name for p in tiny.iterdir() if p.name.startswith(".")], "a build's temp folder was left behind"
-    from atelier.registry import weights_sha256
+    from atelier.sources import weights_sha256
 
     reference = build_tiny_models(tmp_path / "models")
     for built in sorted(tiny.iterdir()):

@@ -126,7 +126,8 @@ class PrefectServer:
 
 def build_tiny_models(models_dir: Path) -> Path:
     """The tiny profile's models, built once (seeded: byte-identical wherever they are built)."""
-    from atelier.registry import PROFILES, resolve
+    from atelier.profiles import PROFILES
+    from atelier.sources import resolve
 
     prof = PROFILES["tiny"]
     for role in ("draft_model", "refine_model", "ip_adapter", "clip", "face", "upscale"):
@@ -422,6 +423,7 @@ def prefect_api(tmp_path_factory) -> str:
         server.stop()
 
 
+@pytest.mark.slow  # 20 killed and resumed runs
 def test_kill_9_at_many_points_then_resume_gives_the_lineage_of_an_uninterrupted_run(prefect_api, tmp_path) -> None:
     t_start = time.monotonic()
     models = build_tiny_models(tmp_path / "models")

@@ -17,6 +17,8 @@ from store import open_store
 from store.schema import Asset, RunAsset
 from tests.conftest import DEMO_REFS, write_brief
 
+pytestmark = pytest.mark.slow  # whole campaigns through Prefect (make test-fast skips them)
+
 BRIEF = """\
 campaign: pg
 profile: tiny

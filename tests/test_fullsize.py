@@ -16,9 +16,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from atelier import fullsize, registry
+from atelier import fullsize, profiles, sources
 from atelier.cli import app
+from atelier.models import Models, process_cache
 from stages import draft
+from stages.protocol import plan
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = ("bench-sd15-lcm", "bench-sdxl-turbo", "bench-flux-schnell")
@@ -84,7 +86,7 @@ def test_bench_profiles(tiny_profile) -> None:
                 "bench-sdxl-turbo": ("random:sdxl", "sdxl", 1, 0.0, "euler-a", 512 * 512, 8),
                 "bench-flux-schnell": ("random:flux-schnell", "flux", 4, 0.0, "flow-euler", 1024 * 1024, 4)}
     for name, (source, family, steps, guidance, scheduler, pixels, batch) in expected.items():
-        p = registry.get_profile(name)
+        p = profiles.get_profile(name)
         assert p.random_weights
         assert p.draft_model == p.refine_model and p.draft_model.source == source
         assert p.draft_model.family == family == fullsize.ARCHITECTURES[source.removeprefix("random:")].family
@@ -92,15 +94,16 @@ def test_bench_profiles(tiny_profile) -> None:
         assert (d.steps, d.guidance, d.scheduler, d.pixels, d.batch_size) == (steps, guidance, scheduler, pixels, batch)
         for role in ("ip_adapter", "clip", "face", "upscale"):
             assert getattr(p, role) == getattr(tiny_profile, role)
-    sdxl = registry.get_profile("bench-sdxl-turbo").refine
+    sdxl = profiles.get_profile("bench-sdxl-turbo").refine
     assert (sdxl.steps, sdxl.scheduler, sdxl.pixels) == (30, "dpm++-2m-karras", 1024 * 1024)
 
 
 def test_random_sources_are_available_and_identified_without_torch(tmp_path: Path) -> None:
     """available() / identity() read configs only: no torch import, no GB hashed, no file written but the cache dir."""
     code = (
-        "import json, sys; from pathlib import Path; from atelier import registry as r;"
-        "specs = [r.get_profile(n).draft_model for n in " + repr(BENCH) + "];"
+        "import json, sys; from pathlib import Path; from atelier import sources as r;"
+        "from atelier.profiles import get_profile;"
+        "specs = [get_profile(n).draft_model for n in " + repr(BENCH) + "];"
         f"m = Path({str(tmp_path / 'models')!r});"
         "print(json.dumps({'available': [r.available(s, m) for s in specs], 'ids': [r.identity(s, m) for s in specs],"
         "                  'torch': 'torch' in sys.modules}))"
@@ -119,11 +122,11 @@ def test_random_sources_are_available_and_identified_without_torch(tmp_path: Pat
 
 
 def test_unknown_random_source_is_unavailable_and_has_no_files(tmp_path: Path) -> None:
-    spec = registry.ModelSpec("x", "diffusers", "random:sd3", family="sd")
-    ok, where = registry.available(spec, tmp_path)
+    spec = profiles.ModelSpec("x", "diffusers", "random:sd3", family="sd")
+    ok, where = sources.available(spec, tmp_path)
     assert not ok and "known: sd15, sdxl, flux-schnell" in where
     with pytest.raises(ValueError, match="built in memory"):
-        registry.resolve(registry.get_profile("bench-sd15-lcm").draft_model, tmp_path)
+        sources.resolve(profiles.get_profile("bench-sd15-lcm").draft_model, tmp_path)
 
 
 def test_models_command_shows_the_bench_profiles_available(tmp_path: Path) -> None:
@@ -134,20 +137,23 @@ def test_models_command_shows_the_bench_profiles_available(tmp_path: Path) -> No
     assert all(r["available"] for r in rows if r["source"].startswith("random:"))
 
 
+@pytest.mark.slow  # a full-size SD 1.5 on CPU
 def test_full_size_sd15_drafts_end_to_end_on_cpu(models_dir: Path) -> None:
-    """The real SD 1.5 architecture (1.07 B parameters, fp32 on CPU) through the registry and the draft
+    """The real SD 1.5 architecture (1.07 B parameters, fp32 on CPU) through ``Models`` and the draft
     stage, at the smallest cost: 64x64, one LCM step (~10 s on 2 cores, mostly weight initialisation)."""
-    spec = registry.get_profile("bench-sd15-lcm").draft_model
+    spec = profiles.get_profile("bench-sd15-lcm").draft_model
     rng = torch.random.get_rng_state()
     try:
-        req = draft.DraftRequest("a red bicycle", "", (3,), 64, 64, 1, 1.0, "lcm", spec, models_dir, batch_size=1)
-        out = draft.generate_drafts(req)
-        pipe = registry.load_text2image(spec, models_dir)
+        req = draft.DraftRequest(prompt="a red bicycle", negative="", width=64, height=64, steps=1, guidance=1.0,
+                                 scheduler="lcm", model=spec, seeds=(3,), indices=(0,), batch_size=1)
+        models = Models.at(models_dir)
+        out = draft.generate_drafts(req, models)
+        pipe = models.text2image(spec)
         assert sum(p.numel() for p in pipe.unet.parameters()) == PUBLISHED[("sd15", "unet")]
         assert pipe.unet.dtype == torch.float32 and pipe.device.type == "cpu"
         assert type(pipe.scheduler).__name__ == "LCMScheduler"
-        assert out[0].image.size == (64, 64) and out[0].seed == 3
+        [item] = plan(draft.STAGE, req, models.identity)  # output i is the item the plan keys with seed i
+        assert len(out) == 1 and out[0].image.size == (64, 64) and item.recipe["seed"] == 3
         assert torch.equal(torch.random.get_rng_state(), rng)  # building seeded the weights in a forked RNG
     finally:  # 4 GB of fp32 weights: do not keep them cached for the rest of the session
-        for key in [k for k in registry._models if spec.source in k]:
-            registry._models.pop(key)
+        process_cache().drop(lambda key: spec.source in key)

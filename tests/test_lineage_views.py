@@ -22,6 +22,8 @@ from store import open_store
 from store.schema import Asset, Edge, Run, RunAsset, Score
 from tests.conftest import REPO, write_brief
 
+pytestmark = pytest.mark.slow  # whole campaigns through Prefect (make test-fast skips them)
+
 BRIEF = """\
 campaign: views
 profile: tiny

@@ -102,7 +102,7 @@ def test_a1111_infotext_of_a_draft_and_of_assets_without_a_generation() -> None:
                                                 ("ddim", "DDIM"), ("unipc", "UniPC"), ("dpm++-2m-karras", "DPM++ 2M"),
                                                 ("flow-euler", "Euler")])
 def test_every_registry_scheduler_has_an_a1111_sampler_name(scheduler, sampler) -> None:
-    from atelier.registry import SCHEDULERS
+    from atelier.profiles import SCHEDULERS
 
     assert set(metadata.A1111_SAMPLERS) == set(SCHEDULERS)
     doc = _chain()
@@ -273,6 +273,7 @@ def _recipe(node: dict) -> dict:
     return {**{k: node[k] for k in keep}, "parents": [_recipe(p) for p in node["parents"]]}
 
 
+@pytest.mark.slow  # a campaign run through Prefect
 def test_a_copied_final_gives_its_lineage_without_the_database(run) -> None:
     node = _lineage(run, run["copy"], run["empty"])
     assert node["from"] == "embedded metadata" and node["carrier"] == "PNG text chunk"
@@ -301,6 +302,7 @@ def test_a_copied_final_gives_its_lineage_without_the_database(run) -> None:
     assert "(from embedded metadata: PNG text chunk)" in text and f"seed={draft['params']['seed']}" in text
 
 
+@pytest.mark.slow  # a campaign run through Prefect
 def test_the_final_carries_a1111_parameters_of_its_generation(run) -> None:
     node = _lineage(run, run["copy"], run["empty"])
     draft, refine = _find(node, "draft"), _find(node, "refine")
@@ -329,6 +331,7 @@ def _store_path(run, key: str) -> str:
         return s.get(Asset, key).path
 
 
+@pytest.mark.slow  # a campaign run through Prefect
 def test_asset_bytes_depend_on_the_recipe_only(run) -> None:
     """The PNG is what its recipe and its ancestors' rows give, re-encoded: no run id, no timings.
 
@@ -352,12 +355,14 @@ def test_asset_bytes_depend_on_the_recipe_only(run) -> None:
     assert png_bytes(pixels, metadata.png_text(doc), compress_level=3) == asset.read_bytes()
 
 
+@pytest.mark.slow  # a campaign run through Prefect
 def test_export_writes_a_sidecar_beside_each_final(run) -> None:
     side = metadata.sidecar_path(run["final"])
     with Image.open(run["final"]) as im:
         assert json.loads(side.read_text()) == json.loads(im.info["atelier"])
 
 
+@pytest.mark.slow  # a campaign run through Prefect
 def test_jpeg_and_webp_deliveries_give_the_same_lineage(run, tmp_path) -> None:
     png_node = _lineage(run, run["copy"], run["empty"])
     for suffix in (".jpg", ".webp"):

@@ -7,7 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from atelier import registry
+from atelier.models import Models
+from atelier.profiles import ModelSpec
 from stages import draft
 from stages.prompts import has_weights, to_compel
 
@@ -19,8 +20,9 @@ def test_a1111_syntax_converts_to_compel() -> None:
 
 
 def _img(spec, models_dir, prompt, family_size=64):
-    req = draft.DraftRequest(prompt, "", (5,), family_size, family_size, 2, 1.0, "lcm", spec, models_dir)
-    return np.asarray(draft.generate_drafts(req)[0].image, int)
+    req = draft.DraftRequest(prompt=prompt, negative="", width=family_size, height=family_size, steps=2, guidance=1.0,
+                             scheduler="lcm", model=spec, seeds=(5,), indices=(0,))
+    return np.asarray(draft.generate_drafts(req, Models.at(models_dir))[0].image, int)
 
 
 def test_weights_change_the_image_and_weight_one_does_not(models_dir, tiny_profile) -> None:
@@ -34,14 +36,14 @@ def test_weights_change_the_image_and_weight_one_does_not(models_dir, tiny_profi
     # and it is exactly the token that got weighted: compare the embeddings compel produced
     from stages.prompts import prompt_kwargs
 
-    pipe = registry.pipeline(spec, models_dir, "txt2img", "lcm")
+    pipe = Models.at(models_dir).pipeline(spec, "txt2img", "lcm")
     w = prompt_kwargs(pipe, "sd", ["a (red:1.8) bicycle", "a (red:1.0) bicycle"], None)["prompt_embeds"]
     per_token = (w[0] - w[1]).abs().mean(dim=-1)  # (77,)
     assert per_token[2] > 10 * per_token[5:].mean()  # token 2 = "red" (0 = start, 1 = "a")
 
 
 def test_weights_on_sdxl(models_dir) -> None:
-    spec = registry.ModelSpec("tiny-sdxl", "diffusers", "tiny:sdxl", family="sdxl")
+    spec = ModelSpec("tiny-sdxl", "diffusers", "tiny:sdxl", family="sdxl")
     plain = _img(spec, models_dir, "a red bicycle")
     strong = _img(spec, models_dir, "a (red:1.8) bicycle")
     assert plain.shape == strong.shape == (64, 64, 3)

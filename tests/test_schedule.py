@@ -17,6 +17,8 @@ import pytest
 
 from tests.conftest import DEMO_REFS
 
+pytestmark = pytest.mark.slow  # whole campaigns through Prefect (make test-fast skips them)
+
 REPO = Path(__file__).resolve().parent.parent
 
 BRIEF = """\

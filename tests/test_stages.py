@@ -9,31 +9,40 @@ import pytest
 from PIL import Image
 
 from stages import draft, moodboard, postedit, refine, select
+from stages.protocol import Input
 from tests.conftest import DEMO_REFS
 
 REFS = tuple(sorted(DEMO_REFS.glob("*.jpg")))
 
 
-def _save(images, folder: Path, prefix: str) -> tuple[Path, ...]:
+REF_INPUTS = tuple(Input(f"ref{i}", p) for i, p in enumerate(REFS))
+
+
+def _inputs(paths) -> tuple[Input, ...]:
+    return tuple(Input(f"k{i}", Path(p)) for i, p in enumerate(paths))
+
+
+def _save(images, folder: Path, prefix: str) -> tuple[Input, ...]:
     paths = []
     for i, im in enumerate(images):
         p = folder / f"{prefix}{i}.png"
         im.save(p)
-        paths.append(p)
+        paths.append(Input(f"{prefix}{i}", p))
     return tuple(paths)
 
 
-def _draft_req(tiny_profile, models_dir, seeds, batch_size=4, prompt="a red bicycle"):
-    return draft.DraftRequest(prompt=prompt, negative="blurry", seeds=tuple(seeds), width=80, height=48,
-                              steps=tiny_profile.draft.steps, guidance=tiny_profile.draft.guidance,
-                              scheduler="lcm", model=tiny_profile.draft_model, models_dir=models_dir,
+def _draft_req(tiny_profile, seeds, batch_size=4, prompt="a red bicycle"):
+    seeds = tuple(seeds)
+    return draft.DraftRequest(prompt=prompt, negative="blurry", seeds=seeds, indices=tuple(range(len(seeds))),
+                              width=80, height=48, steps=tiny_profile.draft.steps,
+                              guidance=tiny_profile.draft.guidance, scheduler="lcm", model=tiny_profile.draft_model,
                               batch_size=batch_size)
 
 
 # ----------------------------------------------------------------------------------------- moodboard
-def test_moodboard_embeds_and_ranks_references(models_dir, tiny_profile, tmp_path) -> None:
-    req = moodboard.MoodboardRequest(references=REFS, clip=tiny_profile.clip, models_dir=models_dir, max_style_refs=2)
-    board = moodboard.build_moodboard(req)
+def test_moodboard_embeds_and_ranks_references(models, tiny_profile, tmp_path) -> None:
+    req = moodboard.MoodboardRequest(references=REF_INPUTS, clip=tiny_profile.clip, max_style_refs=2)
+    board = moodboard.build_moodboard(req, models)
     assert board.embeddings.shape == (len(REFS), 32)
     np.testing.assert_allclose(np.linalg.norm(board.embeddings, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(board.centroid), 1.0, atol=1e-5)
@@ -49,16 +58,17 @@ def test_moodboard_embeds_and_ranks_references(models_dir, tiny_profile, tmp_pat
     assert again.style_refs == board.style_refs
 
 
-def test_moodboard_needs_references(models_dir, tiny_profile) -> None:
+def test_moodboard_needs_references(models, tiny_profile) -> None:
     with pytest.raises(ValueError, match="at least one reference"):
-        moodboard.build_moodboard(moodboard.MoodboardRequest((), tiny_profile.clip, models_dir))
+        moodboard.build_moodboard(moodboard.MoodboardRequest(max_style_refs=4, references=(), clip=tiny_profile.clip),
+                                  models)
 
 
 # -------------------------------------------------------------------------------------------- drafts
-def test_drafts_are_seeded_per_image(models_dir, tiny_profile) -> None:
-    a = draft.generate_drafts(_draft_req(tiny_profile, models_dir, [1, 2, 3], batch_size=3))
-    b = draft.generate_drafts(_draft_req(tiny_profile, models_dir, [3, 1], batch_size=1))
-    assert [d.seed for d in a] == [1, 2, 3]
+def test_drafts_are_seeded_per_image(models, tiny_profile) -> None:
+    a = draft.generate_drafts(_draft_req(tiny_profile, [1, 2, 3], batch_size=3), models)
+    b = draft.generate_drafts(_draft_req(tiny_profile, [3, 1], batch_size=1), models)
+    assert len(a) == 3 and len(b) == 2
     assert all(d.image.size == (80, 48) for d in a)
     # image for seed 1 and 3 do not depend on batch size or position
     assert np.abs(np.asarray(a[0].image, int) - np.asarray(b[1].image, int)).max() <= 1
@@ -67,17 +77,17 @@ def test_drafts_are_seeded_per_image(models_dir, tiny_profile) -> None:
     assert np.abs(np.asarray(a[0].image, int) - np.asarray(a[1].image, int)).mean() > 1
 
 
-def test_drafts_report_progress(models_dir, tiny_profile) -> None:
+def test_drafts_report_progress(models, tiny_profile) -> None:
     seen = []
-    draft.generate_drafts(_draft_req(tiny_profile, models_dir, [1, 2, 3], batch_size=2),
+    draft.generate_drafts(_draft_req(tiny_profile, [1, 2, 3], batch_size=2), models,
                           on_progress=lambda done, total: seen.append((done, total)))
     assert seen == [(2, 3), (3, 3)]
 
 
-def test_draft_rejects_bad_sizes(models_dir, tiny_profile) -> None:
-    req = _draft_req(tiny_profile, models_dir, [1])
+def test_draft_rejects_bad_sizes(models, tiny_profile) -> None:
+    req = _draft_req(tiny_profile, [1])
     with pytest.raises(ValueError, match="multiples of 8"):
-        draft.generate_drafts(draft.DraftRequest(**{**req.__dict__, "width": 81}))
+        draft.generate_drafts(draft.DraftRequest(**{**req.__dict__, "width": 81}), models)
 
 
 # ----------------------------------------------------------------------------------------- selection
@@ -92,14 +102,15 @@ def test_mmr_avoids_near_duplicates() -> None:
     assert kept_no_div == [0, 1]
 
 
-def test_select_scores_every_draft(models_dir, tiny_profile, tmp_path) -> None:
-    drafts = draft.generate_drafts(_draft_req(tiny_profile, models_dir, range(6)))
+def test_select_scores_every_draft(models, tiny_profile, tmp_path) -> None:
+    drafts = draft.generate_drafts(_draft_req(tiny_profile, range(6)), models)
     paths = _save([d.image for d in drafts], tmp_path, "d")
-    board = moodboard.build_moodboard(moodboard.MoodboardRequest(REFS, tiny_profile.clip, models_dir))
+    board = moodboard.build_moodboard(moodboard.MoodboardRequest(max_style_refs=4, references=REF_INPUTS,
+                                                                 clip=tiny_profile.clip), models)
     (tmp_path / "board.npz").write_bytes(board.to_bytes())
-    sel = select.select_drafts(select.SelectRequest(prompt="a red bicycle", drafts=paths,
-                                                    moodboard=tmp_path / "board.npz", keep=2, clip=tiny_profile.clip,
-                                                    models_dir=models_dir))
+    board_in = Input("board", tmp_path / "board.npz")
+    sel = select.select_drafts(select.SelectRequest(prompt="a red bicycle", drafts=paths, moodboard=board_in, keep=2,
+                                                    weights=(1.0, 0.5, 0.3), clip=tiny_profile.clip), models)
     assert len(sel.scores) == 6 and len(sel.kept) == 2 and len(set(sel.kept)) == 2
     ranks = {s.index: s.rank for s in sel.scores if s.rank is not None}
     assert ranks == {sel.kept[0]: 1, sel.kept[1]: 2}
@@ -109,38 +120,39 @@ def test_select_scores_every_draft(models_dir, tiny_profile, tmp_path) -> None:
     assert first.diversity_penalty == 0.0
     assert all(-1 <= s.prompt_score <= 1 and -1 <= s.moodboard_score <= 1 for s in sel.scores)
     with pytest.raises(ValueError, match="keep must be"):
-        select.select_drafts(select.SelectRequest("x", paths, tmp_path / "board.npz", 7, tiny_profile.clip, models_dir))
+        select.select_drafts(select.SelectRequest(prompt="x", drafts=paths, moodboard=board_in, keep=7,
+                                                  weights=(1.0, 0.5, 0.3), clip=tiny_profile.clip), models)
 
 
 # -------------------------------------------------------------------------------------------- refine
-def _refine_req(tiny_profile, models_dir, inits, scale=0.6, style_refs=REFS[:2]):
+def _refine_req(tiny_profile, inits, scale=0.6, style_refs=REF_INPUTS[:2]):
     return refine.RefineRequest(prompt="a red bicycle", negative="blurry", inits=inits, seeds=tuple(range(len(inits))),
                                 style_refs=style_refs, width=96, height=64, steps=4, guidance=5.0, strength=0.6,
                                 scheduler="euler", ip_adapter_scale=scale, model=tiny_profile.refine_model,
-                                ip_adapter=tiny_profile.ip_adapter, models_dir=models_dir, batch_size=2)
+                                ip_adapter=tiny_profile.ip_adapter, batch_size=2)
 
 
-def test_refine_uses_init_and_ip_adapter(models_dir, tiny_profile, tmp_path) -> None:
-    drafts = draft.generate_drafts(_draft_req(tiny_profile, models_dir, [5, 6]))
+def test_refine_uses_init_and_ip_adapter(models, tiny_profile, tmp_path) -> None:
+    drafts = draft.generate_drafts(_draft_req(tiny_profile, [5, 6]), models)
     inits = _save([d.image for d in drafts], tmp_path, "init")
-    out = refine.refine(_refine_req(tiny_profile, models_dir, inits))
+    out = [o.image for o in refine.refine(_refine_req(tiny_profile, inits), models)]
     assert len(out) == 2 and all(im.size == (96, 64) for im in out)
-    again = refine.refine(_refine_req(tiny_profile, models_dir, inits))
+    again = [o.image for o in refine.refine(_refine_req(tiny_profile, inits), models)]
     assert np.abs(np.asarray(out[0], int) - np.asarray(again[0], int)).max() <= 1  # reproducible
-    no_style = refine.refine(_refine_req(tiny_profile, models_dir, inits, scale=0.0))
-    other_style = refine.refine(_refine_req(tiny_profile, models_dir, inits, style_refs=REFS[2:]))
+    no_style = [o.image for o in refine.refine(_refine_req(tiny_profile, inits, scale=0.0), models)]
+    other_style = [o.image for o in refine.refine(_refine_req(tiny_profile, inits, style_refs=REF_INPUTS[2:]), models)]
     # the IP-Adapter really conditions the UNet: its scale and its reference images change the result
     assert np.abs(np.asarray(out[0], int) - np.asarray(no_style[0], int)).mean() > 0.5
     assert np.abs(np.asarray(out[0], int) - np.asarray(other_style[0], int)).mean() > 0.5
 
 
-def test_refine_requires_style_refs(models_dir, tiny_profile, tmp_path) -> None:
+def test_refine_requires_style_refs(models, tiny_profile, tmp_path) -> None:
     with pytest.raises(ValueError, match="style reference"):
-        refine.refine(_refine_req(tiny_profile, models_dir, (tmp_path / "x.png",), style_refs=()))
+        refine.refine(_refine_req(tiny_profile, _inputs([tmp_path / "x.png"]), style_refs=()), models)
 
 
 # ----------------------------------------------------------------------------------------- post-edit
-def test_inpaint_changes_only_the_mask(models_dir, tiny_profile, tmp_path) -> None:
+def test_inpaint_changes_only_the_mask(models, tiny_profile, tmp_path) -> None:
     src = tmp_path / "src.png"
     Image.open(REFS[0]).convert("RGB").resize((100, 60)).save(src)  # deliberately not a multiple of 8
     mask = postedit.region_mask((100, 60), (0.7, 0.0, 0.3, 0.2))
@@ -148,20 +160,21 @@ def test_inpaint_changes_only_the_mask(models_dir, tiny_profile, tmp_path) -> No
     m = np.asarray(mask) > 0
     assert m.sum() == 30 * 12
     [out] = postedit.inpaint(postedit.InpaintRequest(
-        sources=(src,), masks=(tmp_path / "mask.png",), prompt="plain wall", negative="", seeds=(1,), steps=4,
-        guidance=5.0, strength=1.0, scheduler="euler", style_refs=REFS[:1], ip_adapter_scale=0.6,
-        model=tiny_profile.refine_model, ip_adapter=tiny_profile.ip_adapter, models_dir=models_dir, multiple=16))
+        sources=_inputs([src]), masks=(Input("mask", tmp_path / "mask.png"),), prompt="plain wall", negative="",
+        seeds=(1,), steps=4, guidance=5.0, strength=1.0, scheduler="euler", style_refs=REF_INPUTS[:1],
+        ip_adapter_scale=0.6, model=tiny_profile.refine_model, ip_adapter=tiny_profile.ip_adapter, multiple=16), models)
+    out = out.image
     a, b = np.asarray(Image.open(src).convert("RGB"), int), np.asarray(out, int)
     assert out.size == (100, 60)
     assert (a[~m] == b[~m]).all()  # outside the mask: the input, exactly
     assert np.abs(a[m] - b[m]).mean() > 5  # inside: repainted
 
 
-def test_face_restore_on_a_real_face(models_dir, tiny_profile, astronaut_path) -> None:
-    [res] = postedit.restore_faces(postedit.FaceRequest(sources=(astronaut_path,), face=tiny_profile.face,
-                                                        models_dir=models_dir, face_size=128))
-    assert len(res.boxes) == 1
-    x, y, w, h = res.boxes[0]
+def test_face_restore_on_a_real_face(models, tiny_profile, astronaut_path) -> None:
+    [res] = postedit.restore_faces(postedit.FaceRequest(sources=_inputs([astronaut_path]), face=tiny_profile.face,
+                                                        face_size=128), models)
+    assert len(res.facts["faces"]) == 1
+    x, y, w, h = res.facts["faces"][0]
     # Eileen Collins' face in the 512x512 photograph sits around x 170-260, y 60-170
     assert 150 <= x + w / 2 <= 260 and 70 <= y + h / 2 <= 160 and 50 <= w <= 160
     before = np.asarray(Image.open(astronaut_path).convert("RGB"), int)
@@ -175,25 +188,31 @@ def test_face_restore_on_a_real_face(models_dir, tiny_profile, astronaut_path) -
     assert ys.min() >= cy - side / 2 - 1 and ys.max() <= cy + side / 2 + 1
 
 
-def test_face_restore_without_faces_is_identity(models_dir, tiny_profile, tmp_path) -> None:
+def test_face_restore_without_faces_is_identity(models, tiny_profile, tmp_path) -> None:
     p = tmp_path / "flat.png"
     Image.new("RGB", (128, 96), (120, 130, 140)).save(p)
-    [res] = postedit.restore_faces(postedit.FaceRequest((p,), tiny_profile.face, models_dir, face_size=128))
-    assert res.boxes == ()
+    [res] = postedit.restore_faces(postedit.FaceRequest(sources=_inputs([p]), face=tiny_profile.face, face_size=128),
+                                   models)
+    assert res.facts["faces"] == []
     assert np.array_equal(np.asarray(res.image), np.asarray(Image.open(p).convert("RGB")))
 
 
-def test_upscale_hits_the_exact_size(models_dir, tiny_profile, tmp_path) -> None:
+def _upscale_req(src: Path, size, tiny_profile, tile: int) -> postedit.UpscaleRequest:
+    return postedit.UpscaleRequest(width=size[0], height=size[1], tile=tile, model=tiny_profile.upscale,
+                                   sources=_inputs([src]))
+
+
+def test_upscale_hits_the_exact_size(models, tiny_profile, tmp_path) -> None:
     src = tmp_path / "small.png"
     Image.open(REFS[0]).convert("RGB").resize((88, 48)).save(src)
-    [out] = postedit.upscale(postedit.UpscaleRequest((src,), (384, 216), tiny_profile.upscale, models_dir, tile=32))
+    [out] = [o.image for o in postedit.upscale(_upscale_req(src, (384, 216), tiny_profile, 32), models)]
     assert out.size == (384, 216)
-    [untiled] = postedit.upscale(postedit.UpscaleRequest((src,), (384, 216), tiny_profile.upscale, models_dir, tile=512))
+    [untiled] = [o.image for o in postedit.upscale(_upscale_req(src, (384, 216), tiny_profile, 512), models)]
     diff = np.abs(np.asarray(out, int) - np.asarray(untiled, int))
     assert diff[8:-8, 8:-8].mean() < 1.0  # tiles with padding: no visible seams
 
 
-def test_upscale_retries_with_smaller_tiles_on_out_of_memory(models_dir, tiny_profile, tmp_path, monkeypatch) -> None:
+def test_upscale_retries_with_smaller_tiles_on_out_of_memory(models, tiny_profile, tmp_path, monkeypatch) -> None:
     """Fault injection: tiles above 64 px 'run out of CUDA memory'; the stage halves the tile until it fits."""
     import torch
     from realesrgan import RealESRGANer
@@ -210,13 +229,13 @@ def test_upscale_retries_with_smaller_tiles_on_out_of_memory(models_dir, tiny_pr
         return real_enhance(self, img, outscale=outscale)
 
     monkeypatch.setattr(RealESRGANer, "enhance", enhance)
-    [out] = postedit.upscale(postedit.UpscaleRequest((src,), (384, 256), tiny_profile.upscale, models_dir, tile=256))
+    [out] = postedit.upscale(_upscale_req(src, (384, 256), tiny_profile, 256), models)
     assert tiles == [256, 128, 64]
-    assert out.size == (384, 256)
+    assert out.image.size == (384, 256)
     monkeypatch.setattr(RealESRGANer, "enhance", lambda self, img, outscale=None: (_ for _ in ()).throw(
         torch.OutOfMemoryError("always")))
     with pytest.raises(torch.OutOfMemoryError):
-        postedit.upscale(postedit.UpscaleRequest((src,), (384, 256), tiny_profile.upscale, models_dir, tile=64))
+        postedit.upscale(_upscale_req(src, (384, 256), tiny_profile, 64), models)
 
 
 def test_region_masks_rect_and_ellipse() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich import box
@@ -112,7 +112,7 @@ def diff(
     out.print(table)
 
 
-def _cell(value) -> str:
+def _cell(value: Any) -> str:
     if value is None:
         return "—"
     if isinstance(value, list) and all(isinstance(v, str) and len(v) == 32 for v in value):
@@ -121,7 +121,7 @@ def _cell(value) -> str:
     return text if len(text) <= 120 else text[:119] + "…"
 
 
-def resolve_asset(session, ref: str):
+def resolve_asset(session: Any, ref: str) -> Any:
     """An asset by key / prefix / file content, else by the lineage key a file carries (a signed delivery)."""
     from atelier import metadata
     from store import queries

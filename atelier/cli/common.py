@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -42,7 +42,7 @@ def _open(home: Optional[Path], store_url: Optional[str], assets_url: Optional[s
         _fail(str(exc))
 
 
-def _print_json(data) -> None:
+def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 

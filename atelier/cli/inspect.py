@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 from pathlib import Path
 
 import typer
@@ -31,7 +31,7 @@ def runs(home: Optional[Path] = HomeOpt, store_url: Optional[str] = StoreOpt, as
     out.print(table)
 
 
-def _show_report(home, store_url, run_id: Optional[str], as_json: bool, html: Optional[Path] = None) -> None:
+def _show_report(home: Any, store_url: Any, run_id: Optional[str], as_json: bool, html: Optional[Path] = None) -> None:
     from atelier.report import run_report
     from store import queries
     from store.schema import Run
@@ -214,7 +214,7 @@ def _lineage_tree(parent: Tree | None, node: dict, seen: set[str] | None = None)
     return t
 
 
-def _short(value, limit: int = 32) -> str:
+def _short(value: Any, limit: int = 32) -> str:
     if isinstance(value, float):
         text = f"{value:.4g}"
     elif isinstance(value, int):

@@ -15,7 +15,8 @@ ROLES = ("draft_model", "refine_model", "ip_adapter", "clip", "face", "upscale")
 
 
 def model_rows(models_dir: Path) -> list[dict]:
-    from atelier.registry import PROFILES, available
+    from atelier.profiles import PROFILES
+    from atelier.sources import available
 
     rows, seen = [], {}
     for prof in PROFILES.values():
@@ -39,7 +40,7 @@ def models(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
     rows = [r for r in model_rows(h / "models") if profile in (None, r["profile"])]
     if as_json:
         return _print_json(rows)
-    from atelier.registry import PROFILES
+    from atelier.profiles import PROFILES
 
     table = Table("profile", "role", "model", "source", "local", title="models (offline: nothing is downloaded)")
     hints: dict[str, str] = {}

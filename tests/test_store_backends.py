@@ -268,8 +268,12 @@ def test_doctor_finds_and_repairs_damage_in_an_object_store(postgres_url, tmp_pa
     assert files.fs.cat_file(f"{files.root}/.quarantine/{rel['c'].removeprefix('assets/')}") == b"bit rot"
 
 
-def test_a_store_opened_with_assets_keeps_them_for_later_opens_in_the_process(tmp_path) -> None:
-    """A flow opens its store with ``assets_url``; helpers that only know home and URL get the same files."""
+def test_open_store_never_guesses_the_assets_from_an_earlier_open(tmp_path, monkeypatch) -> None:
+    """A run opens its store once, with its assets URL, and passes it on: a later open that names no assets
+    location gets ``<home>/assets`` ($ATELIER_ASSETS unset), whatever this process opened before."""
+    monkeypatch.delenv("ATELIER_ASSETS", raising=False)
     url = f"memory://atelier-{uuid.uuid4().hex[:8]}"
     first = open_store(tmp_path / "home", assets=url)
-    assert open_store(tmp_path / "home") is first and open_store(tmp_path / "other").files.location.endswith("assets")
+    assert first.files.location == url
+    again = open_store(tmp_path / "home")
+    assert again is not first and again.files.location == str((tmp_path / "home").resolve() / "assets")

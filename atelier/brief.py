@@ -49,7 +49,7 @@ class Inpaint(_Strict):
     faces: bool = False  # repaint the faces OpenCV finds in each image
 
     @model_validator(mode="after")
-    def _one_source(self) -> "Inpaint":
+    def _one_source(self) -> Inpaint:
         if sum([self.region is not None, self.mask is not None, self.faces]) != 1:
             raise ValueError("give exactly one of region: [x, y, w, h], mask: PATH or faces: true")
         return self
@@ -141,7 +141,7 @@ class Deliverable(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _keep(self) -> "Deliverable":
+    def _keep(self) -> Deliverable:
         if self.keep > self.drafts:
             raise ValueError(f"keep ({self.keep}) must be <= drafts ({self.drafts})")
         return self

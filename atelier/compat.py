@@ -13,11 +13,9 @@ Why each one exists:
 
 from __future__ import annotations
 
-from typing import Any
-
 import importlib.util
 import sys
-
+from typing import Any
 
 
 def _nms_cpu(dets: Any, scores: Any, iou_threshold: float):

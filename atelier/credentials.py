@@ -20,12 +20,11 @@ c2pa-python and cryptography are imported inside functions (the CLI imports this
 
 from __future__ import annotations
 
-from typing import Any
-
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 LINEAGE_LABEL = "org.atelier.lineage"
@@ -112,7 +111,7 @@ def write_test_certificate(folder: Path) -> tuple[Path, Path, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
+    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
     ca_key, ee_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
 
     def name(cn: str) -> x509.Name:

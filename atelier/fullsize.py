@@ -21,14 +21,13 @@ timing needs from the tokenizer is the padded length (512, FluxPipeline's defaul
 
 from __future__ import annotations
 
-from typing import Any
-
 import hashlib
 import json
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SEED = 20261123  # weights are seeded: the same device, dtype and library versions build the same model
 BUILDER_VERSION = 1  # bump when the construction changes (it is part of the model identity)

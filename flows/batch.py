@@ -7,7 +7,7 @@ in the store. A bad brief is reported and skipped; it does not stop the others.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -48,7 +48,7 @@ def batch_flow(folder: str, home: str, store_url: str | None = None) -> dict:
         if not needs_run(Path(home), store_url, brief, campaign.sha256, profile):
             summary["unchanged"].append(str(brief))
             continue
-        run_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+        run_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
         campaign_flow(brief_path=str(brief), home=home, run_id=run_id, profile=profile, store_url=store_url)
         summary["ran"].append(str(brief))
     log.info("batch: %d ran, %d unchanged, %d invalid", len(summary["ran"]), len(summary["unchanged"]),

@@ -26,8 +26,18 @@ from atelier.progress import reporter
 from flows import STAGES
 from flows.artifacts import publish_deliverable, publish_run
 from flows.context import RunContext, RunSpec
-from flows.tasks import (GPU_TAG, GPU_TASKS, draft_task, export_task, face_task, inpaint_task, moodboard_task,
-                         refine_task, select_task, upscale_task)
+from flows.tasks import (
+    GPU_TAG,
+    GPU_TASKS,
+    draft_task,
+    export_task,
+    face_task,
+    inpaint_task,
+    moodboard_task,
+    refine_task,
+    select_task,
+    upscale_task,
+)
 from store import lineage
 
 TASK_RUNNERS = ("sequential", "dask")

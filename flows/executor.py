@@ -25,8 +25,7 @@ from atelier.models import device_used
 from flows.context import RunContext
 from stages.common import png_bytes
 from stages.protocol import Item, Output, Stage, plan, subset
-from store import NewAsset, Store, save
-from store import lineage, queries
+from store import NewAsset, Store, lineage, queries, save
 
 THUMBNAIL_FROM_MEMORY = 1_000_000  # pixels: images this large get their thumbnails cached as they are made
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
-
-
 
 
 def load_rgb(path: Path) -> Image.Image:

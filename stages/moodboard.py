@@ -42,7 +42,7 @@ class Moodboard:
         return buf.getvalue()
 
     @classmethod
-    def from_file(cls, path: Path) -> "Moodboard":
+    def from_file(cls, path: Path) -> Moodboard:
         with np.load(path) as z:
             return cls(z["embeddings"], z["centroid"], tuple(float(c) for c in z["centrality"]),
                        tuple(int(i) for i in z["style_refs"]))

@@ -12,12 +12,11 @@ Three independent steps, each a plain function over its own request:
 
 from __future__ import annotations
 
-from typing import Any
-
 import contextlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps

@@ -8,9 +8,8 @@ encoder has no such weighting: its prompts are passed as text.
 
 from __future__ import annotations
 
-from typing import Any
-
 import re
+from typing import Any
 
 WEIGHTED = re.compile(r"\(([^()]+?):\s*([0-9]*\.?[0-9]+)\s*\)")  # (fragment:1.3)
 

@@ -8,11 +8,10 @@ processes opening a fresh store at once create the tables once.
 
 from __future__ import annotations
 
-from typing import Any
-
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import create_engine, event, inspect, make_url, text
 from sqlalchemy.engine import Connection, Engine

@@ -36,9 +36,9 @@ from pathlib import Path
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
+from store import lineage
 from store.db import Store, default_url
 from store.files import Staged
-from store import lineage
 from store.lineage import process_start
 from store.schema import Asset, Edge, Run, RunAsset, Score, StageRun
 
@@ -142,7 +142,7 @@ def check(store: Store, stale_after: float = STALE_AFTER) -> Report:
         else:
             report.notes.append(Problem("in-flight", rel, f"temp file written {age:.0f}s ago", None))
     # 5. Runs still "running": is their process alive?
-    for run_id, r in sorted(runs.items()):
+    for _, r in sorted(runs.items()):
         if r.status == "running":
             _check_run(r, report)
     return report

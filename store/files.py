@@ -23,6 +23,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 
 
@@ -235,14 +236,13 @@ class FsspecFiles:
         return {p: age for p, age in out.items() if age is not None}
 
     def age(self, tmp: str) -> float | None:
-        from datetime import timezone
 
         try:
             modified = self.fs.modified(tmp)
         except FileNotFoundError:
             return None
         if modified.tzinfo is None:
-            modified = modified.replace(tzinfo=timezone.utc)
+            modified = modified.replace(tzinfo=UTC)
         return max(0.0, time.time() - modified.timestamp())
 
     def temp_exists(self, tmp: Path | str) -> bool:

@@ -22,10 +22,10 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Sequence
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -44,7 +44,7 @@ FAULT_POINTS = (
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ class PostgresServer:
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd[:1])} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
 
-    def start(self) -> "PostgresServer":
+    def start(self) -> PostgresServer:
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", USER, "--auth=trust", "-E", "UTF8",
                   "--no-sync", "--no-instructions")
         # fsync off: a test server need not survive a power cut, and it makes CREATE DATABASE fast.

@@ -165,8 +165,8 @@ def test_inpaint_mask_sources(brief_dir: Path, inpaint: str, ok: bool) -> None:
 
 
 def test_stage_overrides_apply_to_the_profile(brief_dir: Path) -> None:
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, str(brief_dir / "refs" / "style.safetensors"))
     text = GOOD + """stages:

@@ -21,8 +21,15 @@ from sqlalchemy import func, inspect, select
 
 from store import open_store
 from store.schema import Asset, Run, RunAsset
-from tests.test_crash import (build_tiny_models, doctor_cli, new_home, prefect_api,  # noqa: F401 (a fixture)
-                              run_env, start_run, write_brief)
+from tests.test_crash import (
+    build_tiny_models,
+    doctor_cli,
+    new_home,
+    prefect_api,  # noqa: F401 (a fixture)
+    run_env,
+    start_run,
+    write_brief,
+)
 
 pytestmark = pytest.mark.slow  # concurrent runs and processes (make test-fast skips them)
 
@@ -130,7 +137,7 @@ def _lineage(s, run_id: str) -> dict[str, str]:
                           .where(RunAsset.run_id == run_id)).all())
 
 
-def test_four_runs_of_two_briefs_on_one_fresh_home(prefect_api, tmp_path) -> None:
+def test_four_runs_of_two_briefs_on_one_fresh_home(prefect_api, tmp_path) -> None:  # noqa: F811 (the fixture)
     t0 = time.monotonic()
     folder = tmp_path / "briefs"
     a, b = write_brief(folder, BRIEF_A, "a.yaml"), write_brief(folder, BRIEF_B, "b.yaml")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 import json
 
+import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
@@ -47,8 +46,11 @@ def test_a_campaign_runs_on_a_local_dask_cluster(prefect_server, brief_dir, tmp_
     data = json.loads(runner.invoke(app, ["report", "--home", str(home), "--json"]).output)
     assert data["run"]["status"] == "completed"
     for name, size in (("one", [128, 128]), ("two", [128, 160])):
-        stages = data["deliverables"][name]["stages"]
-        assert stages["draft"]["computed"] == 2 and stages["select"]["computed"] == 1 and stages["refine"]["computed"] == 1
+        d = data["deliverables"][name]
+        stages = d["stages"]
+        assert stages["draft"]["computed"] == 2 and stages["select"]["computed"] == 1
+        assert stages["refine"]["computed"] == 1
+        assert [[f["width"], f["height"]] for f in d["finals"]] == [size]  # delivered at the brief's size
     with open_store(home).sessions() as s:
         finals = s.scalars(select(RunAsset).where(RunAsset.run_id == data["run"]["id"], RunAsset.final)).all()
         info = s.get(Run, data["run"]["id"]).info

@@ -271,15 +271,14 @@ def test_force_with_an_unknown_stage_is_a_usage_error(e2e) -> None:
 def draft_in_flow(e2e, monkeypatch):
     """Run the e2e brief's ``square`` draft task (forced, so it calls the stage) in a flow, with
     ``generate_drafts`` replaced by ``fake``; returns (result or exception, the requests it saw)."""
+    from dataclasses import replace
+
     from prefect import flow
 
     from atelier.brief import load_brief
     from flows import tasks
-    from store import lineage
-
-    from dataclasses import replace
-
     from flows.context import RunContext, RunSpec
+    from store import lineage
 
     campaign = load_brief(e2e["brief"])
     seen = []

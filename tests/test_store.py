@@ -64,7 +64,9 @@ def test_save_is_idempotent_and_counts_reuse(store) -> None:
 
 def test_failed_commit_leaves_no_rows_and_no_files(store) -> None:
     # an edge to a parent that does not exist violates the foreign key: the whole save rolls back
-    with pytest.raises(Exception):
+    from sqlalchemy.exc import IntegrityError
+
+    with pytest.raises(IntegrityError):
         save(store, "run1", [_asset("k1", b"one"), _asset("k2", b"two", [("missing", "source")])])
     with store.sessions() as s:
         assert s.scalar(select(func.count()).select_from(Asset)) == 0

@@ -7,7 +7,6 @@ folder outside the home and its in-memory filesystem.
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import time
@@ -19,10 +18,8 @@ import fsspec
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, func, inspect, select
-from typer.testing import CliRunner
+from sqlalchemy import create_engine, func, select
 
-from atelier.cli import app
 from atelier.errors import StoreError
 from store import NewAsset, lineage, open_store, queries, save
 from store.db import current_revision, head_revision

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,11 +23,11 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 
     Returns naive UTC, as the store records times. Raises ValueError on anything else.
     """
-    now = now or datetime.now(timezone.utc).replace(tzinfo=None)
+    now = now or datetime.now(UTC).replace(tzinfo=None)
     if m := _AGE.match(text.strip()):
         return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
     t = datetime.fromisoformat(text.strip())
-    return t.astimezone(timezone.utc).replace(tzinfo=None) if t.tzinfo else t
+    return t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t
 
 
 @app.command()

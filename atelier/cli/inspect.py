@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
 from pathlib import Path
+from typing import Any, Optional
 
 import typer
 from rich.markup import escape

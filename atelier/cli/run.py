@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Optional
 
@@ -89,7 +89,7 @@ def run(
     from store.db import default_url
 
     _open(h, store_url or default_url(h), assets_url)  # reachable and migrated, or exit 2 before Prefect starts
-    run_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    run_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     out.print(f"atelier run [bold]{run_id}[/]: {campaign.brief.campaign} on profile [bold]{prof.name}[/]"
               + (" [yellow](random-weight test models)[/]" if prof.random_weights else "") + f", home {h}")
 
@@ -107,7 +107,7 @@ def run(
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - recorded in the store; show one line and fail
         err.print(f"[bold red]run {run_id} failed:[/] {type(exc).__name__}: {exc}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     out.print(f"run {run_id} completed in {time.perf_counter() - t0:.1f}s")
     if report:
         from atelier.cli.inspect import _show_report

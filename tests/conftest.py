@@ -73,6 +73,72 @@ def write_brief(folder: Path, text: str, name: str = "brief.yaml") -> Path:
     return path
 
 
+TINY_BRIEF = """\
+campaign: views
+profile: tiny
+seed: 5
+brand:
+  style_refs: [refs/*.jpg]
+  negative: "watermark"
+deliverables:
+  - name: hero
+    prompt: "a red bicycle against a brick wall"
+    aspect: "16:9"
+    drafts: 4
+    keep: 2
+    size: 192x108
+    post:
+      inpaint: {region: [0.7, 0.0, 0.3, 0.2], prompt: "plain wall"}
+      upscale: true
+  - name: poster
+    prompt: "a cup of coffee, morning light"
+    aspect: "1:1"
+    drafts: 2
+    keep: 1
+    size: 128x128
+    post:
+      face_restore: true
+      upscale: true
+  - name: tile
+    prompt: "a cup of coffee"
+    aspect: "1:1"
+    drafts: 3
+    keep: 1
+    size: 128x128
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_run(prefect_server, models_dir, tmp_path_factory) -> dict:
+    """One run of ``TINY_BRIEF`` through the CLI, shared by the modules that read a finished run (lineage views,
+    metadata): three deliverables covering every stage. Read it, never change it: a test that runs again
+    works on a copy of the home (``copy_home``)."""
+    from sqlalchemy import select
+    from typer.testing import CliRunner
+
+    from atelier.cli import app
+    from store import open_store
+    from store.schema import Run
+
+    folder = tmp_path_factory.mktemp("brief")
+    (folder / "refs").mkdir()
+    for name in ("coffee.jpg", "chelsea.jpg", "astronaut.jpg"):
+        shutil.copy(DEMO_REFS / name, folder / "refs" / name)
+    home = tmp_path_factory.mktemp("home")
+    (home / "models").symlink_to(models_dir, target_is_directory=True)  # the session's tiny models, built once
+    res = CliRunner().invoke(app, ["run", str(write_brief(folder, TINY_BRIEF)), "--home", str(home), "--no-report"])
+    assert res.exit_code == 0, res.output
+    with open_store(home).sessions() as s:
+        run_id = s.scalars(select(Run.id)).one()
+    return {"home": home, "run_id": run_id, "brief": folder / "brief.yaml"}
+
+
+def copy_home(home: Path, target: Path) -> Path:
+    """A copy of a finished run's home (its models folder stays a link) for a test that changes the store."""
+    shutil.copytree(home, target, symlinks=True)
+    return target
+
+
 @pytest.fixture(scope="session")
 def astronaut_path(tmp_path_factory) -> Path:
     """scikit-image's astronaut photograph (public domain): one real face."""

@@ -19,53 +19,16 @@ from typer.testing import CliRunner
 from atelier import credentials
 from atelier.cli import app
 from store import open_store
-from store.schema import Asset, Edge, Run, RunAsset, Score
-from tests.conftest import REPO, write_brief
+from store.schema import Asset, Edge, RunAsset, Score
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow  # whole campaigns through Prefect (make test-fast skips them)
 
-BRIEF = """\
-campaign: views
-profile: tiny
-seed: 5
-brand:
-  style_refs: [refs/*.jpg]
-deliverables:
-  - name: hero
-    prompt: "a red bicycle against a brick wall"
-    aspect: "16:9"
-    drafts: 4
-    keep: 2
-    size: 192x108
-    post:
-      inpaint: {region: [0.7, 0.0, 0.3, 0.2], prompt: "plain wall"}
-      upscale: true
-  - name: tile
-    prompt: "a cup of coffee"
-    aspect: "1:1"
-    drafts: 3
-    keep: 1
-    size: 128x128
-"""
-
-
 @pytest.fixture(scope="module")
-def run(prefect_server, models_dir, tmp_path_factory):
-    """One run of a two-deliverable brief through the CLI, signed with the home's local test certificate."""
-    from tests.conftest import DEMO_REFS
-
-    folder = tmp_path_factory.mktemp("brief")
-    (folder / "refs").mkdir()
-    for name in ("coffee.jpg", "chelsea.jpg", "astronaut.jpg"):
-        shutil.copy(DEMO_REFS / name, folder / "refs" / name)
-    home = tmp_path_factory.mktemp("home")
-    (home / "models").symlink_to(models_dir, target_is_directory=True)  # the session's tiny models, built once
-    runner = CliRunner()
-    res = runner.invoke(app, ["run", str(write_brief(folder, BRIEF)), "--home", str(home), "--no-report"])
-    assert res.exit_code == 0, res.output
-    with open_store(home).sessions() as s:
-        run_id = s.scalars(select(Run.id)).one()
-    return {"home": home, "run_id": run_id, "runner": runner, "brief": folder / "brief.yaml"}
+def run(tiny_run) -> dict:
+    """The session's shared run (``tests.conftest.TINY_BRIEF``: hero, poster, tile), signed with the home's
+    local test certificate."""
+    return {**tiny_run, "runner": CliRunner()}
 
 
 def _cli(run, *args: str, columns: int = 80):
@@ -102,7 +65,8 @@ def test_report_is_plain_and_fits_80_columns_when_piped(run) -> None:
         assert expected in text, expected
     # each stage line of a deliverable tells its time and its cost
     stage_lines = [line for line in text.splitlines() if " · cost " in line]
-    assert len(stage_lines) == 5 + 3  # hero: drafts, selection, refine, inpaint, upscale; tile: three
+    # hero: drafts, selection, refine, inpaint, upscale; poster: the same with face_restore for inpaint; tile: three
+    assert len(stage_lines) == 5 + 5 + 3
 
 
 def test_report_json_has_mood_board_drafts_and_finals_from_the_store(run) -> None:
@@ -165,7 +129,7 @@ def test_assets_filters_match_the_store(run) -> None:
     assert sorted(a["key"] for a in got) == sorted(a.key for a in drafts)
     with open_store(run["home"]).sessions() as s:
         kept = set(s.scalars(select(Score.draft_key).where(Score.kept.is_(True))))
-    assert {a["key"] for a in _json(run, "assets", "--kept")} == kept and len(kept) == 3
+    assert {a["key"] for a in _json(run, "assets", "--kept")} == kept and len(kept) == 4
     all_drafts = {a.key for a in members if a.stage == "draft"}
     assert {a["key"] for a in _json(run, "assets", "--not-kept")} == all_drafts - kept
     seed = next(a.params["seed"] for a in drafts if a.key in kept)  # a kept draft: its chain goes on
@@ -427,8 +391,11 @@ def test_thumbnails_cached_from_memory_equal_those_of_the_file(tmp_path) -> None
 
 
 # --------------------------------------------------------------- last: a second run changes the store
-def test_report_marks_what_each_run_kept(run) -> None:
+def test_report_marks_what_each_run_kept(run, tmp_path) -> None:
     """keep 2 -> 1: the drafts are reused and scored again; each run's report shows its own selection."""
+    from tests.conftest import copy_home
+
+    run = {**run, "home": copy_home(run["home"], tmp_path / "home")}  # the shared run's home stays as it was
     edited = run["brief"].with_name("keep-one.yaml")
     edited.write_text(run["brief"].read_text().replace("drafts: 4\n    keep: 2", "drafts: 4\n    keep: 1"))
     res = run["runner"].invoke(app, ["run", str(edited), "--home", str(run["home"]), "--no-report"])

@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 from atelier import metadata
 from atelier.cli import app
 from stages.common import png_bytes
-from tests.conftest import write_brief
 
 SHA = "0123456789abcdef" * 4
 
@@ -213,46 +212,17 @@ def test_lineage_of_a_file_without_lineage_and_without_store_is_a_clean_error(tm
 
 
 # ------------------------------------------------------------------------- end to end, one small run
-BRIEF = """\
-campaign: carry
-profile: tiny
-seed: 11
-brand:
-  style_refs: [refs/*.jpg]
-  negative: "watermark"
-deliverables:
-  - name: tile
-    prompt: "a cup of coffee, morning light"
-    aspect: "1:1"
-    drafts: 2
-    keep: 1
-    size: 128x128
-    post:
-      face_restore: true
-      upscale: true
-"""
-
-
 @pytest.fixture(scope="module")
-def run(prefect_server, models_dir, tmp_path_factory):
-    """One small run through the CLI; the final is copied to a folder of its own."""
-    from tests.conftest import DEMO_REFS
-
-    folder = tmp_path_factory.mktemp("brief")
-    (folder / "refs").mkdir()
-    for name in ("coffee.jpg", "chelsea.jpg"):
-        shutil.copy(DEMO_REFS / name, folder / "refs" / name)
-    home = tmp_path_factory.mktemp("home")
-    (home / "models").symlink_to(models_dir, target_is_directory=True)  # the session's tiny models, built once
-    runner = CliRunner()
-    res = runner.invoke(app, ["run", str(write_brief(folder, BRIEF)), "--home", str(home), "--no-report"])
-    assert res.exit_code == 0, res.output
-    final = home / "outputs" / "carry" / "tile-1.png"
+def run(tiny_run, tmp_path_factory) -> dict:
+    """The session's shared run (``tests.conftest.TINY_BRIEF``); its ``poster`` final (face restore and upscale
+    after refine) is copied to a folder of its own."""
+    home = tiny_run["home"]
+    final = home / "outputs" / "views" / "poster-1.png"
     elsewhere = tmp_path_factory.mktemp("elsewhere")
-    copy = elsewhere / "tile-1.png"
+    copy = elsewhere / "poster-1.png"
     shutil.copyfile(final, copy)  # the PNG alone, no sidecar: what a client forwards
     return {"home": home, "final": final, "copy": copy, "empty": tmp_path_factory.mktemp("empty"),
-            "runner": runner}
+            "runner": CliRunner()}
 
 
 def _lineage(run, path: Path, home: Path) -> dict:
@@ -292,7 +262,7 @@ def test_a_copied_final_gives_its_lineage_without_the_database(run) -> None:
     assert draft["params"]["prompt"] == "a cup of coffee, morning light" and isinstance(draft["params"]["seed"], int)
     assert len(draft["model"]["weights_sha256"]) == 64
     refs = {p["params"]["source"] for p in _find(node, "refine")["parents"] if p["stage"] == "reference"}
-    assert refs and refs <= {"refs/coffee.jpg", "refs/chelsea.jpg"}
+    assert refs and refs <= {"refs/coffee.jpg", "refs/chelsea.jpg", "refs/astronaut.jpg"}
     # The same tree as the store gives for the original, on everything the file can know.
     from_store = _lineage(run, run["final"], run["home"])
     assert from_store["from"] == "store"
@@ -366,7 +336,7 @@ def test_export_writes_a_sidecar_beside_each_final(run) -> None:
 def test_jpeg_and_webp_deliveries_give_the_same_lineage(run, tmp_path) -> None:
     png_node = _lineage(run, run["copy"], run["empty"])
     for suffix in (".jpg", ".webp"):
-        out = metadata.write_delivery(run["final"], tmp_path / f"tile-1{suffix}", quality=90)
+        out = metadata.write_delivery(run["final"], tmp_path / f"poster-1{suffix}", quality=90)
         assert metadata.sidecar_path(out).exists()
         metadata.sidecar_path(out).unlink()
         node = _lineage(run, out, run["empty"])

@@ -75,7 +75,7 @@ def _mad(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize(
     "name, which, size",
     [
-        ("realesrgan-x4plus", "astronaut", 40),
+        pytest.param("realesrgan-x4plus", "astronaut", 40, marks=pytest.mark.slow),  # 23 RRDB blocks: ~10 s
         ("realesrgan-x4plus-anime", "coffee", 64),
         ("realesr-animevideov3-x4", "astronaut", 96),
         ("realesr-animevideov3-x4", "coffee", 96),
@@ -114,7 +114,8 @@ def test_channel_order_and_padding_matter():
     assert _mad(unpadded, ref) > 0.2
 
 
-@pytest.mark.parametrize("name", list(nr.KNOWN_MODELS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "realesrgan-x4plus" else n
+                                  for n in nr.KNOWN_MODELS])
 def test_graph_matches_ncnn_runtime_float(name):
     """Bare network, float in/out, against the ncnn runtime executing the same .param/.bin."""
     import ncnn
@@ -191,7 +192,7 @@ def test_mismatched_graph_is_refused(tmp_path):
         nr.load_network("realesrgan-x4plus", tmp_path / "empty")
 
 
-@pytest.mark.parametrize("name", ["realesr-animevideov3-x4", "realesrgan-x4plus"])
+@pytest.mark.parametrize("name", ["realesr-animevideov3-x4", pytest.param("realesrgan-x4plus", marks=pytest.mark.slow)])
 def test_converted_pth_runs_in_realesrganer(tmp_path, name):
     from realesrgan import RealESRGANer
 

@@ -45,12 +45,18 @@ def test_a_campaign_runs_on_a_local_dask_cluster(prefect_server, brief_dir, tmp_
     assert res.exit_code == 0, res.output
     data = json.loads(runner.invoke(app, ["report", "--home", str(home), "--json"]).output)
     assert data["run"]["status"] == "completed"
-    for name, size in (("one", [128, 128]), ("two", [128, 160])):
+    from atelier.brief import fit_to_area
+    from atelier.profiles import get_profile
+
+    refine = get_profile("tiny").refine
+    for name, aspect in (("one", 1.0), ("two", 4 / 5)):
+        size = list(fit_to_area(aspect, refine.pixels, refine.multiple))
         d = data["deliverables"][name]
         stages = d["stages"]
         assert stages["draft"]["computed"] == 2 and stages["select"]["computed"] == 1
         assert stages["refine"]["computed"] == 1
-        assert [[f["width"], f["height"]] for f in d["finals"]] == [size]  # delivered at the brief's size
+        # no upscale in this brief: delivered at the refine resolution, in the deliverable's aspect
+        assert [[f["width"], f["height"]] for f in d["finals"]] == [size]
     with open_store(home).sessions() as s:
         finals = s.scalars(select(RunAsset).where(RunAsset.run_id == data["run"]["id"], RunAsset.final)).all()
         info = s.get(Run, data["run"]["id"]).info

@@ -162,6 +162,8 @@ def render_html(data: dict, path_of: Callable[[str], Path], thumbs_dir: Path | N
              f"<p class='meta'>profile {e(r['profile'])} · started {e(r['started_at'].replace('T', ' '))} UTC</p>"]
     if r.get("random_weights"):
         parts.append("<p class='note'>random-weight test models: the images are noise, the pipeline is real</p>")
+    elif r.get("models_note"):
+        parts.append(f"<p class='note'>{e(r['models_note'])}</p>")
     for name, d in data["deliverables"].items():
         drafts = d.get("draft", [])
         kept = sum(1 for x in drafts if x.get("kept"))

@@ -18,8 +18,10 @@ spec's weights and hashes them, ``atelier.models`` loads them (once per process,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 REGISTRY_VERSION = 1
+MICRO_DIR = Path(__file__).resolve().parent.parent / "models" / "micro"  # weights shipped in the repository
 
 @dataclass(frozen=True)
 class Lora:
@@ -74,6 +76,7 @@ class Profile:
     upscale_tile: int = 256  # Real-ESRGAN tile size in input px; bounds peak memory
     face_size: int = 512  # aligned face crop the restorer works at
     selection_weights: tuple[float, float, float] = (1.0, 0.5, 0.3)  # prompt fit, mood-board fit, diversity
+    models_note: str = ""  # what the models are, said in run lines and reports (e.g. "trained micro models")
 
 
 SCHEDULERS = {
@@ -109,6 +112,33 @@ PROFILES: dict[str, Profile] = {
     ),
 }
 
+
+# Trained micro models (``atelier.world``): a procedural poster world, trained here from scratch and shipped in
+# ``models/micro`` with a model card. Real pictures offline: selection and style references mean something.
+_TINY_ROLES = PROFILES["tiny"]
+PROFILES["micro"] = Profile(
+    name="micro",
+    description="trained micro models of atelier's procedural poster world (models/micro, CPU, seconds per stage)",
+    random_weights=False,
+    models_note="trained micro models (a procedural poster world; see models/micro/MODEL_CARD.md)",
+    draft_model=ModelSpec("micro-sd", "diffusers", str(MICRO_DIR / "sd"), family="sd"),
+    refine_model=ModelSpec("micro-sd", "diffusers", str(MICRO_DIR / "sd"), family="sd"),
+    ip_adapter=ModelSpec("micro-ip-adapter", "ip-adapter", str(MICRO_DIR / "ip-adapter"), subfolder="models",
+                         weight_name="ip-adapter_micro.safetensors"),
+    clip=ModelSpec("micro-clip", "open-clip", str(MICRO_DIR / "clip"), arch="atelier-micro-clip",
+                   weight_name="open_clip_model.safetensors"),
+    face=_TINY_ROLES.face,  # the micro world has no faces: the tiny restorer keeps the role runnable
+    upscale=_TINY_ROLES.upscale,  # real Real-ESRGAN weights (compact x4)
+    # Euler at 4 steps, guidance 3: the best few-step setting measured (bench/results/world_quality.md)
+    draft=StageSettings(steps=4, guidance=3.0, scheduler="euler", pixels=64 * 64, multiple=16, batch_size=8),
+    refine=StageSettings(steps=12, guidance=3.0, scheduler="euler", pixels=128 * 128, multiple=16, strength=0.5,
+                         batch_size=4),
+    inpaint=StageSettings(steps=12, guidance=3.0, scheduler="euler", pixels=0, multiple=16, strength=1.0,
+                          batch_size=1),
+    ip_adapter_scale=0.6,
+    upscale_tile=128,
+    face_size=128,
+)
 
 # Production profiles: real checkpoints, read from a local path or the local Hugging Face cache.
 _SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"

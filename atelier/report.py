@@ -33,7 +33,8 @@ def run_dict(run: Run) -> dict:
             "finished_at": run.finished_at.isoformat(timespec="seconds") if run.finished_at else None,
             "seconds": (run.finished_at - run.started_at).total_seconds() if run.finished_at else None,
             "error": run.error,
-            "random_weights": PROFILES[run.profile].random_weights if run.profile in PROFILES else None}
+            "random_weights": PROFILES[run.profile].random_weights if run.profile in PROFILES else None,
+            "models_note": PROFILES[run.profile].models_note if run.profile in PROFILES else None}
 
 
 def asset_dict(a: Asset, full: bool = True) -> dict:

@@ -11,7 +11,7 @@ Runs ``atelier run BRIEF`` in a fresh home twice (cold, then unchanged), each in
   engine, the flow's own store writes);
 - start-up = command wall − run wall (imports + Prefect's embedded server start), reported separately.
 A first run in another home builds the tiny models and Prefect's database outside the timing.
-Usage: python -m bench.campaign_overhead [--brief campaigns/demo.yaml]
+Usage: python -m bench.campaign_overhead [--brief campaigns/tiny-demo.yaml]
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _measure(home: Path, run_id: str, child: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--brief", default="campaigns/demo.yaml")
+    ap.add_argument("--brief", default="campaigns/tiny-demo.yaml")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="atelier-bench-"))
     _run(args.brief, home / "warm")  # builds the tiny models and Prefect's database once, outside the timing

@@ -1,6 +1,6 @@
 """Where a run's wall time goes: sample ``atelier run`` with py-spy and sum the main thread's time per phase.
 
-    python -m bench.profile_run campaigns/demo.yaml HOME [--rate 100] [atelier run options...]
+    python -m bench.profile_run campaigns/tiny-demo.yaml HOME [--rate 100] [atelier run options...]
 
 Samples every thread with idle time included (a wait on the Prefect server counts), keeps the main thread
 under ``campaign_flow`` and attributes each sample to the first matching phase below (stage functions

@@ -37,9 +37,9 @@ from atelier.world.render import layout, render  # noqa: E402
 from atelier.world.scene import COLOURS, caption, sample_scene  # noqa: E402
 
 # The micro profile's settings (what the model card recommends).
-DRAFT = dict(steps=4, guidance=5.0, scheduler="dpm++-2m-karras", width=64, height=64)
-REFINE = dict(steps=12, guidance=5.0, scheduler="euler", width=128, height=128, strength=0.5)
-INPAINT = dict(steps=12, guidance=5.0, scheduler="euler", strength=1.0)
+DRAFT = dict(steps=4, guidance=3.0, scheduler="euler", width=64, height=64)  # best <=4-step setting of the sweep
+REFINE = dict(steps=12, guidance=3.0, scheduler="euler", width=128, height=128, strength=0.5)
+INPAINT = dict(steps=12, guidance=3.0, scheduler="euler", strength=1.0)
 IP_SCALE = 0.6
 NEGATIVE = ""
 
@@ -48,10 +48,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--models", type=Path, default=ROOT / "models" / "micro")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    p.add_argument("--prompts", type=int, default=24)
+    p.add_argument("--prompts", type=int, default=40)
     p.add_argument("--drafts", type=int, default=8)
     p.add_argument("--keep", type=int, default=2)
-    p.add_argument("--clip-scenes", type=int, default=300)
+    p.add_argument("--clip-scenes", type=int, default=180)
     p.add_argument("--quick", action="store_true", help="a few prompts (minutes -> seconds)")
     p.add_argument("--skip-sweep", action="store_true")
     a = p.parse_args(argv)

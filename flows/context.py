@@ -53,7 +53,7 @@ class RunContext:
         self.store: Store = open_store(Path(spec.home), spec.store_url, spec.assets_url)
         self.models = Models(Path(spec.home) / "models", cache or process_cache())
         self.progress: Reporter = progress or NullReporter()
-        # The profile as this brief runs it: the registry's, with the brief's stage overrides applied.
+        # The profile as this brief runs it: the named profile, with the brief's stage overrides applied.
         self.prof: Profile = apply_overrides(spec.profile, spec.stages, Path(spec.brief_root))
         self.calls = ModelCalls()
         self.batch_caps: dict[tuple[str | None, str], int] = {}  # (deliverable, stage) -> batch after CUDA OOM

@@ -30,7 +30,7 @@ def _clean_env(tmp_path: Path) -> dict:
 
 
 def test_unknown_profile_lists_known_names() -> None:
-    with pytest.raises(KeyError, match="known: tiny, sd15-lcm"):
+    with pytest.raises(KeyError, match="known: tiny, micro, sd15-lcm"):
         profiles.get_profile("sdxxl")
 
 

@@ -62,6 +62,8 @@ def _print_report(data: dict, home: Path) -> None:
               highlight=False)
     if r["random_weights"]:
         out.print("[yellow]random-weight test models: images are noise, the pipeline is real[/]")
+    elif r.get("models_note"):
+        out.print(f"[dim]{escape(r['models_note'])}[/]", highlight=False)
     for name, d in data["deliverables"].items():
         drafts = d.get("draft", [])
         names = {x["key"]: f"draft #{x['index']}" for x in drafts}

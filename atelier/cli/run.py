@@ -91,7 +91,8 @@ def run(
     _open(h, store_url or default_url(h), assets_url)  # reachable and migrated, or exit 2 before Prefect starts
     run_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     out.print(f"atelier run [bold]{run_id}[/]: {campaign.brief.campaign} on profile [bold]{prof.name}[/]"
-              + (" [yellow](random-weight test models)[/]" if prof.random_weights else "") + f", home {h}")
+              + (" [yellow](random-weight test models)[/]" if prof.random_weights
+                 else f" ({prof.models_note})" if prof.models_note else "") + f", home {h}")
 
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)  # prefect won't create it
     t0 = time.perf_counter()

@@ -1,0 +1,70 @@
+"""Architectures of the micro models (configs only here; torch is imported inside functions)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+CLIP_ARCH = "atelier-micro-clip"
+CONTEXT_LENGTH = 32  # micro-world captions are ~20 BPE tokens; 32 keeps the text tower cheap
+VOCAB_SIZE = 49408  # open_clip's BPE vocabulary (the standard tokenizer: ids must stay < vocab_size)
+EOT_ID = 49407
+BOT_ID = 49406
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Every size and step count of one training run (``FULL`` ships, ``SMOKE`` is for tests)."""
+
+    name: str
+    # CLIP (open_clip ViT)
+    clip_width: int = 128
+    clip_layers: int = 4
+    clip_embed: int = 128
+    clip_image: int = 64
+    clip_patch: int = 8
+    clip_steps: int = 1200
+    clip_pairs: int = 64  # batch = 2 x pairs (each scene with a one-attribute-changed twin)
+    clip_lr: float = 1e-3
+    # VAE (AutoencoderKL, f4: 64 px -> 16x16x4)
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    vae_steps: int = 800
+    vae_batch: int = 32
+    vae_crop: int = 32
+    vae_lr: float = 1e-3
+    vae_image: int = 64
+    # UNet
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_steps: int = 3000
+    unet_batch: int = 32
+    unet_lr: float = 6e-4
+    unet_image: int = 64  # short side of training images (latents: /4)
+    text_lr: float = 5e-5  # the text encoder (converted from CLIP's text tower) is fine-tuned gently
+    # IP-Adapter (image encoder trained from scratch with the adapter, UNet frozen)
+    ip_steps: int = 400
+    ip_batch: int = 16
+    ip_lr: float = 5e-4
+    ip_tokens: int = 4
+    ip_width: int = 64
+    ip_layers: int = 2
+    ip_image: int = 64
+    checkpoint_s: float = 180.0
+    extra: dict = field(default_factory=dict)
+
+
+FULL = Sizes("full")
+SMOKE = Sizes(
+    "smoke", clip_width=32, clip_layers=1, clip_embed=32, clip_image=32, clip_patch=8, clip_steps=3, clip_pairs=4,
+    vae_channels=(32, 32, 32), vae_steps=2, vae_batch=2, vae_image=32, vae_crop=16, unet_channels=(32, 32, 32), unet_steps=3,
+    unet_batch=2, unet_image=32, ip_steps=2, ip_batch=2, ip_width=32, ip_layers=1, ip_image=32, checkpoint_s=0.0,
+)
+
+
+def clip_config(s: Sizes) -> dict:
+    """open_clip model config (written as ``<arch>.json`` beside the weights)."""
+    return {
+        "embed_dim": s.clip_embed,
+        "vision_cfg": {"image_size": s.clip_image, "layers": s.clip_layers, "width": s.clip_width,
+                       "head_width": 32, "patch_size": s.clip_patch},
+        "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": VOCAB_SIZE, "width": s.clip_width,
+                     "heads": max(1, s.clip_width // 32), "layers": s.clip_layers},
+    }

@@ -13,7 +13,6 @@ Large images (finals) get their contact-sheet thumbnails from memory here, so no
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,20 +157,17 @@ def run_stage(ctx: RunContext, stage: Stage, req: Any, campaign: str, deliverabl
     # 4. Save, mark what was reused, record the stage
     assets = [image_asset(ctx.store, items[i], stage.name, stage.kind, campaign, deliverable, out, per)
               for i, out in zip(todo, outputs)]
-    save(ctx.store, ctx.run_id, assets)
+    saved = save(ctx.store, ctx.run_id, assets)
     lineage.mark_reused(ctx.store, ctx.run_id, [k for k in keys if k not in missing])
     timer.done(len(todo), len(keys) - len(todo))
     out = refs(ctx.store, keys)
-    _thumbnails_from_memory(ctx, out, todo, assets, outputs)
+    _thumbnails_from_memory(ctx, [out[i] for i in todo], saved, outputs)
     return out
 
 
-def _thumbnails_from_memory(ctx: RunContext, out: list[Ref], todo: list[int], assets: list[NewAsset],
-                            outputs: list[Output]) -> None:
+def _thumbnails_from_memory(ctx: RunContext, made: list[Ref], saved: dict[str, str], outputs: list[Output]) -> None:
     """The contact sheet's thumbnails of large images, from memory: unless the store kept other bytes under
-    a key (recorded first by another run), the stored file is this image."""
-    for i, a, o in zip(todo, assets, outputs):
-        if o.image.width * o.image.height < THUMBNAIL_FROM_MEMORY:
-            continue
-        if (sha := Path(out[i].path).stem) == hashlib.sha256(a.data).hexdigest():
-            contact_sheet.cache_thumbnails(contact_sheet.thumbs_dir(str(ctx.home)), sha, o.image)
+    a key (recorded first by another run), the stored file (named by its sha256) is this image."""
+    for ref, o in zip(made, outputs):
+        if o.image.width * o.image.height >= THUMBNAIL_FROM_MEMORY and Path(ref.path).stem == saved[ref.key]:
+            contact_sheet.cache_thumbnails(contact_sheet.thumbs_dir(ctx.home), saved[ref.key], o.image)

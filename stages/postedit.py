@@ -78,7 +78,7 @@ class FileMaskRequest:
 
     source: str  # the file, relative to the brief's folder (recorded; its bytes are in sha256)
     sha256: str
-    file: Path = runtime(None)
+    file: Path | None = runtime(None)
 
 
 @dataclass(frozen=True, kw_only=True)

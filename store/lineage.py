@@ -76,8 +76,11 @@ class NewScore:
     kept: bool
 
 
-def save(store: Store, run_id: str, assets: Sequence[NewAsset], scores: Sequence[NewScore] = ()) -> list[str]:
+def save(store: Store, run_id: str, assets: Sequence[NewAsset], scores: Sequence[NewScore] = ()) -> dict[str, str]:
     """Persist new assets (files + rows + edges + run membership) and selection scores. Idempotent.
+
+    Returns the sha256 of each asset's given bytes, by key (the stored file has these bytes unless the key
+    was recorded first, with other bytes, by another run).
 
     If another process stored the same key meanwhile, its row wins and ours is counted as reused. Rows go
     in with ``INSERT ... ON CONFLICT DO NOTHING``: on SQLite the write transaction holds the lock anyway
@@ -121,7 +124,7 @@ def save(store: Store, run_id: str, assets: Sequence[NewAsset], scores: Sequence
             _fault("mid-publish", call)
     for st in drop:
         store.files.discard(st)
-    return [a.key for a in assets]
+    return {a.key: st.sha256 for a, st in zip(assets, staged)}
 
 
 def _insert(s: Session):

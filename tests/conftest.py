@@ -57,14 +57,18 @@ def prefect_server():
         yield
 
 
+def with_refs(folder: Path, names: tuple[str, ...] = ("coffee.jpg", "chelsea.jpg")) -> Path:
+    """``folder`` with ``refs/`` holding the named demo reference photographs; returns ``folder``."""
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(DEMO_REFS / name, folder / "refs" / name)
+    return folder
+
+
 @pytest.fixture
 def brief_dir(tmp_path) -> Path:
     """A folder with two reference images (real photographs) for briefs written by tests."""
-    refs = tmp_path / "refs"
-    refs.mkdir()
-    for name in ("coffee.jpg", "chelsea.jpg"):
-        shutil.copy(DEMO_REFS / name, refs / name)
-    return tmp_path
+    return with_refs(tmp_path)
 
 
 def write_brief(folder: Path, text: str, name: str = "brief.yaml") -> Path:
@@ -120,10 +124,7 @@ def tiny_run(prefect_server, models_dir, tmp_path_factory) -> dict:
     from store import open_store
     from store.schema import Run
 
-    folder = tmp_path_factory.mktemp("brief")
-    (folder / "refs").mkdir()
-    for name in ("coffee.jpg", "chelsea.jpg", "astronaut.jpg"):
-        shutil.copy(DEMO_REFS / name, folder / "refs" / name)
+    folder = with_refs(tmp_path_factory.mktemp("brief"), ("coffee.jpg", "chelsea.jpg", "astronaut.jpg"))
     home = tmp_path_factory.mktemp("home")
     (home / "models").symlink_to(models_dir, target_is_directory=True)  # the session's tiny models, built once
     res = CliRunner().invoke(app, ["run", str(write_brief(folder, TINY_BRIEF)), "--home", str(home), "--no-report"])

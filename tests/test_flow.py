@@ -79,14 +79,9 @@ def _run_wall(home: Path, run_id: str) -> float:
 @pytest.fixture(scope="module")
 def e2e(prefect_server, tmp_path_factory):
     """Run the brief twice through the CLI (cold, then unchanged) on one home."""
-    import shutil
+    from tests.conftest import with_refs
 
-    from tests.conftest import DEMO_REFS
-
-    folder = tmp_path_factory.mktemp("brief")
-    (folder / "refs").mkdir()
-    for name in ("coffee.jpg", "chelsea.jpg", "astronaut.jpg"):
-        shutil.copy(DEMO_REFS / name, folder / "refs" / name)
+    folder = with_refs(tmp_path_factory.mktemp("brief"), ("coffee.jpg", "chelsea.jpg", "astronaut.jpg"))
     brief = write_brief(folder, BRIEF)
     home = tmp_path_factory.mktemp("home")
     runner = CliRunner()

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from atelier.cli import app
 from store import open_store
 from store.schema import Asset, RunAsset
-from tests.conftest import DEMO_REFS, write_brief
+from tests.conftest import with_refs, write_brief
 
 pytestmark = pytest.mark.slow  # whole campaigns through Prefect (make test-fast skips them)
 
@@ -39,12 +39,8 @@ deliverables:
 
 @pytest.fixture(scope="module")
 def pg_run(prefect_server, postgres_server, tmp_path_factory):
-    import shutil
 
-    folder = tmp_path_factory.mktemp("brief")
-    (folder / "refs").mkdir()
-    for name in ("coffee.jpg", "chelsea.jpg"):
-        shutil.copy(DEMO_REFS / name, folder / "refs" / name)
+    folder = with_refs(tmp_path_factory.mktemp("brief"))
     brief = write_brief(folder, BRIEF)
     home, bucket = tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("bucket")
     where = ["--home", str(home), "--store", postgres_server.create_database(), "--assets", f"file://{bucket}/assets"]

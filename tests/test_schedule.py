@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEMO_REFS
+from tests.conftest import with_refs
 
 pytestmark = pytest.mark.slow  # whole campaigns through Prefect (make test-fast skips them)
 
@@ -82,10 +81,7 @@ def _tick(env: dict, deployment: str) -> None:
 
 
 def test_schedule_ticks_run_new_and_changed_briefs_only(server, tmp_path) -> None:
-    folder = tmp_path / "briefs"
-    (folder / "refs").mkdir(parents=True)
-    for name in ("coffee.jpg", "chelsea.jpg"):
-        shutil.copy(DEMO_REFS / name, folder / "refs" / name)
+    folder = with_refs(tmp_path / "briefs")
     (folder / "a.yaml").write_text(BRIEF.format(name="alpha", prompt="a red bicycle"))
     (folder / "b.yaml").write_text(BRIEF.format(name="beta", prompt="a cup of coffee"))
     home = tmp_path / "home"

@@ -55,7 +55,7 @@ def clip_zero_shot(clip: Any, scenes: list[Scene], size: Any=(64, 64), embed_ima
 def generate(pipe: Any, prompts: list[str], seeds: list[int], width: int, height: int, steps: int, guidance: float,
              negative: str = "", batch: int = 8, **kwargs) -> tuple[list[Image.Image], float]:
     """Images for prompt i with seed i, in batches; returns (images, seconds per image)."""
-    import torch
+    from stages.common import generators
 
     images: list[Image.Image] = []
     t = time.perf_counter()
@@ -64,7 +64,7 @@ def generate(pipe: Any, prompts: list[str], seeds: list[int], width: int, height
         extra = {key: (v[k:k + batch] if key in ("image", "mask_image") else v) for key, v in kwargs.items()}
         r = pipe(prompt=p, negative_prompt=[negative] * len(p) if guidance > 1 else None,
                  width=width, height=height, num_inference_steps=steps, guidance_scale=guidance,
-                 generator=[torch.Generator().manual_seed(int(x)) for x in s], **extra)
+                 generator=generators(s, "cpu"), **extra)
         images += r.images
     return images, (time.perf_counter() - t) / max(1, len(prompts))
 

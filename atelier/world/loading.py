@@ -13,6 +13,7 @@ from typing import Any
 from atelier.models import Clip, Models
 from atelier.profiles import MICRO_DIR, PROFILES, ModelSpec, Profile
 from atelier.world.models import CLIP_ARCH
+from stages.common import embed_images, embed_texts  # noqa: F401 - as the mood board and selection embed
 
 CLIP_WEIGHT_NAME = "open_clip_model.safetensors"
 IP_SUBFOLDER = "models"
@@ -38,28 +39,6 @@ def load_clip(spec: ModelSpec, models_dir: Path) -> Clip:
 def pipeline(spec: ModelSpec, models_dir: Path, mode: str, scheduler: str, ip_adapter: ModelSpec | None = None) -> Any:
     """atelier's shared diffusers pipeline for ``mode`` (txt2img | img2img | inpaint)."""
     return Models.at(Path(models_dir)).pipeline(spec, mode, scheduler, ip_adapter=ip_adapter)
-
-
-def embed_images(clip: Any, images: Any) -> Any:
-    """L2-normalised CLIP image embeddings (N, D), as the selection stage computes them."""
-    import numpy as np
-    import torch
-
-    with torch.no_grad():
-        x = torch.stack([clip.preprocess(im) for im in images]).to(clip.device)
-        e = clip.model.encode_image(x).float()
-        e = e / e.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    return e.cpu().numpy().astype(np.float32)
-
-
-def embed_texts(clip: Any, texts: Any) -> Any:
-    import numpy as np
-    import torch
-
-    with torch.no_grad():
-        e = clip.model.encode_text(clip.tokenizer(list(texts)).to(clip.device)).float()
-        e = e / e.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    return e.cpu().numpy().astype(np.float32)
 
 
 DEFAULT_ROOT = MICRO_DIR

@@ -105,6 +105,49 @@ class Stages(_Strict):
     ip_adapter_scale: float | None = Field(default=None, ge=0, le=2)
 
 
+VARY = {"subtle": 0.5, "strong": 0.85}  # img2img strength of a variation round (Fooocus' Vary Subtle / Strong)
+MAX_ROUNDS = 8
+
+
+class Round(_Strict):
+    """One more round after the first selection: variations of the previous round's kept images."""
+
+    vary: str | float = "subtle"  # subtle | strong | an img2img strength in (0, 1]
+    drafts: int = Field(default=4, ge=1, le=MAX_DRAFTS)  # variations per kept image
+    keep: int = Field(default=2, ge=1, le=MAX_DRAFTS)
+    prompt: Annotated[str, StringConstraints(min_length=1, max_length=2000)] | None = None  # replaces the prompt
+    prompt_append: Annotated[str, StringConstraints(min_length=1, max_length=2000)] | None = None  # appended
+
+    @field_validator("vary")
+    @classmethod
+    def _vary(cls, value: Any):
+        if isinstance(value, str) and value.strip().lower() in VARY:
+            return value.strip().lower()
+        try:
+            strength = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f'expected subtle, strong or a strength in (0, 1], got "{value}"') from None
+        if not 0 < strength <= 1:
+            raise ValueError(f"a strength must be in (0, 1], got {strength}")
+        return strength
+
+    @property
+    def strength(self) -> float:
+        return VARY[self.vary] if isinstance(self.vary, str) else float(self.vary)
+
+
+ReviewWhen = Literal["every", "last"]
+
+
+def _review_value(value: Any) -> Any:
+    """``review:`` true (a person decides after every selection), "last" (only before refine), false (CLIP)."""
+    if value is True or value == "true":
+        return "every"
+    if value is False or value is None or value == "false":
+        return None if value is None else False
+    return value
+
+
 class Deliverable(_Strict):
     name: Name
     prompt: Annotated[str, StringConstraints(min_length=1, max_length=2000)]
@@ -114,6 +157,13 @@ class Deliverable(_Strict):
     keep: int = Field(default=2, ge=1, le=MAX_DRAFTS)
     size: str = "1080p"
     post: Post = Post()
+    rounds: tuple[Round, ...] | None = Field(default=None, max_length=MAX_ROUNDS)  # None: the campaign's
+    review: ReviewWhen | Literal[False] | None = None  # None: the campaign's
+
+    @field_validator("review", mode="before")
+    @classmethod
+    def _review(cls, value: Any):
+        return _review_value(value)
 
     @field_validator("aspect")
     @classmethod
@@ -146,6 +196,16 @@ class Deliverable(_Strict):
             raise ValueError(f"keep ({self.keep}) must be <= drafts ({self.drafts})")
         return self
 
+    def prompt_at(self, rounds: tuple[Round, ...], n: int) -> str:
+        """The prompt of round ``n`` (0: the first drafts): each round may replace or extend the one before."""
+        prompt = self.prompt
+        for r in rounds[:n]:
+            if r.prompt is not None:
+                prompt = r.prompt
+            if r.prompt_append is not None:
+                prompt = f"{prompt}, {r.prompt_append}"
+        return prompt
+
     @property
     def aspect_ratio(self) -> float:
         w, h = self.aspect.split(":")
@@ -170,6 +230,29 @@ class Brief(_Strict):
     deliverables: tuple[Deliverable, ...] = Field(min_length=1, max_length=50)
     max_style_refs: int = Field(default=4, ge=1, le=16)  # the mood board keeps the N most central refs
     stages: Stages = Stages()  # optional per-stage overrides of the profile (steps, guidance, LoRAs...)
+    rounds: tuple[Round, ...] = Field(default=(), max_length=MAX_ROUNDS)  # default rounds of every deliverable
+    review: ReviewWhen | Literal[False] = False  # default review gate of every deliverable
+
+    @field_validator("review", mode="before")
+    @classmethod
+    def _review(cls, value: Any):
+        return _review_value(value)
+
+    def rounds_of(self, d: Deliverable) -> tuple[Round, ...]:
+        return self.rounds if d.rounds is None else d.rounds
+
+    def review_of(self, d: Deliverable, override: bool | None = None) -> str | None:
+        """When a person decides for ``d``: "every" selection, the "last" one, or None (CLIP decides).
+        ``override`` (``atelier run --review``) turns review on at every selection for all deliverables."""
+        if override:
+            return "every"
+        value = self.review if d.review is None else d.review
+        return value or None
+
+    def reviewed_at(self, d: Deliverable, n: int, override: bool | None = None) -> bool:
+        """Whether the selection of round ``n`` waits for a person."""
+        when = self.review_of(d, override)
+        return when == "every" or (when == "last" and n == len(self.rounds_of(d)))
 
     @field_validator("deliverables")
     @classmethod
@@ -180,6 +263,20 @@ class Brief(_Strict):
                 raise ValueError(f'duplicate deliverable name "{d.name}" (deliverables[{i}])')
             seen.add(d.name)
         return items
+
+
+def _check_rounds(file: str, brief: Brief) -> None:
+    """Each round keeps at most what it makes: ``keep <= (images kept by the round before) x drafts``."""
+    for i, d in enumerate(brief.deliverables):
+        rounds = brief.rounds_of(d)
+        where = f"deliverables[{i}].rounds" if d.rounds is not None else "rounds"
+        kept = d.keep
+        for n, r in enumerate(rounds):
+            if r.keep > kept * r.drafts:
+                raise BriefError(file, f"{where}[{n}].keep", f"keep ({r.keep}) must be <= the {kept} image(s) kept "
+                                                             f"before x drafts ({r.drafts}) = {kept * r.drafts}"
+                                                             + (f" (deliverable {d.name})" if where == "rounds" else ""))
+            kept = r.keep
 
 
 @dataclass(frozen=True)
@@ -310,6 +407,7 @@ def load_brief(path: str | Path, profile_names: tuple[str, ...] | None = None) -
     except ValidationError as err:
         raise _first_error(file, err) from None
 
+    _check_rounds(file, brief)
     if profile_names is None:
         from atelier.profiles import PROFILES
 

@@ -55,3 +55,36 @@ def publish_run(st: Store, run_id: str, campaign: str) -> Path:
     create_link_artifact(sheet.resolve().as_uri(), link_text=sheet.name, key=_key(campaign, "contact-sheet"),
                          description=f"run {run_id}: the HTML contact sheet (self-contained)")
     return sheet
+
+
+def gates_markdown(st: Store, run_id: str) -> str | None:
+    """The run's open review gates as Markdown: per gate its candidates, CLIP's scores and suggestion, and how
+    to decide. None when nothing awaits review."""
+    from atelier.review import open_gates
+
+    gates = open_gates(st, run_id)
+    if not gates:
+        return None
+    lines = [f"# Run {run_id} awaits review", ""]
+    for g in gates:
+        lines += [f"## {g.deliverable} · round {g.round}", "",
+                  "| # | CLIP rank | total | prompt fit | mood-board fit | CLIP keeps | file |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in g.candidates:
+            lines.append(f"| {c.number} | {c.clip_rank or ''} | {c.total:.3f} | {c.prompt_score:.3f} | "
+                         f"{c.moodboard_score:.3f} | {'✓' if c.clip_kept else ''} | `{Path(c.path).name}` |"
+                         if c.total is not None else f"| {c.number} | | | | | | `{Path(c.path).name}` |")
+        keep = ",".join(map(str, g.suggestion))
+        lines += ["", f"Decide: `atelier review {run_id} --deliverable {g.deliverable} --keep {keep} --resume` "
+                      f"(or `atelier review {run_id} --serve` for a page to click)", ""]
+    return "\n".join(lines)
+
+
+def publish_gates(st: Store, run_id: str, campaign: str) -> bool:
+    """A Markdown artifact of what awaits review (True if anything does)."""
+    text = gates_markdown(st, run_id)
+    if text is None:
+        return False
+    create_markdown_artifact(text, key=_key(campaign, "awaiting-review"),
+                             description=f"run {run_id}: candidates awaiting a person's decision")
+    return True

@@ -18,13 +18,14 @@ import traceback
 from pathlib import Path
 
 from prefect import Flow, flow, get_run_logger
+from prefect.states import Completed
 
 from atelier import __version__
 from atelier.brief import Campaign, load_brief
 from atelier.models import device_used
 from atelier.progress import reporter
 from flows import STAGES
-from flows.artifacts import publish_deliverable, publish_run
+from flows.artifacts import publish_deliverable, publish_gates, publish_run
 from flows.context import RunContext, RunSpec
 from flows.tasks import (
     GPU_TAG,
@@ -37,6 +38,7 @@ from flows.tasks import (
     refine_task,
     select_task,
     upscale_task,
+    vary_task,
 )
 from store import lineage
 
@@ -82,7 +84,10 @@ def _deliverable_chain(ctx: RunContext, campaign: Campaign, name: str, board, su
 
     d = next(x for x in campaign.brief.deliverables if x.name == name)
     current = call(draft_task, ctx, campaign, name)
-    current = call(select_task, ctx, campaign, name, current, board)
+    current = call(select_task, ctx, campaign, name, 0, current, board)
+    for n in range(1, len(campaign.brief.rounds_of(d)) + 1):
+        current = call(vary_task, ctx, campaign, name, n, current)
+        current = call(select_task, ctx, campaign, name, n, current, board)
     current = call(refine_task, ctx, campaign, name, current, board)
     if d.post.inpaint is not None:
         current = call(inpaint_task, ctx, campaign, name, current, board)
@@ -106,13 +111,16 @@ def _publish(ctx: RunContext, campaign: Campaign, name: str | None) -> None:
 @flow(name="campaign", log_prints=False, validate_parameters=False)
 def campaign_flow(brief_path: str, home: str, run_id: str, profile: str | None = None,
                   store_url: str | None = None, assets_url: str | None = None, force: str | None = None,
-                  submit: bool = False, progress: str = "none") -> str:
+                  submit: bool = False, progress: str = "none", review: bool = False, resume: bool = False) -> str:
     """Run a brief end to end; returns the run id. Lineage goes to the store under ``home`` (or ``store_url``),
     asset files to ``<home>/assets`` (or the fsspec URL ``assets_url``).
 
     ``force``: a stage name; that stage and every later one recompute even where their assets are stored.
     ``submit``: submit the tasks to the flow's task runner (see ``campaign_flow_for``) instead of calling them.
     ``progress``: the progress sink, ``none`` or ``rich`` (bars on the terminal).
+    ``review``: a person decides at every selection (``atelier run --review``), whatever the brief says.
+    ``resume``: run ``run_id`` again (it stopped at a review gate or failed): what is stored is reused.
+    A deliverable whose gate awaits a decision stops there; the run then ends "awaiting review".
     The run's model calls and the seconds spent exporting and publishing go into the run's ``info``.
     """
     if force is not None and force not in STAGES:
@@ -120,19 +128,24 @@ def campaign_flow(brief_path: str, home: str, run_id: str, profile: str | None =
     campaign: Campaign = load_brief(brief_path)
     spec = RunSpec(run_id=run_id, home=str(Path(home).resolve()), profile=profile or campaign.brief.profile,
                    store_url=store_url, assets_url=assets_url, stages=campaign.brief.stages,
-                   brief_root=str(campaign.root), force=force)
+                   brief_root=str(campaign.root), force=force, review=review)
     with reporter(progress) as sink:
-        _run(RunContext(spec, progress=sink), campaign, submit)
+        awaiting = _run(RunContext(spec, progress=sink), campaign, submit, resume)
+    if awaiting:  # a completed flow run, named so in the Prefect UI; its artifact lists the candidates
+        get_run_logger().info("run %s awaits review: %s", run_id, ", ".join(awaiting))
+        return Completed(name="AwaitingReview", data=run_id,
+                         message=f"awaiting review: {', '.join(awaiting)} (atelier review {run_id})")
     get_run_logger().info("run %s completed", run_id)
     return run_id
 
 
-def _run(ctx: RunContext, campaign: Campaign, submit: bool) -> None:
+def _run(ctx: RunContext, campaign: Campaign, submit: bool, resume: bool) -> list[str]:
+    """Run the chains; returns the deliverables that stopped at a review gate."""
     store, run_id, profile = ctx.store, ctx.run_id, ctx.spec.profile
     gpu_tag = gpu_limit_exists()
     lineage.start_run(store, run_id, campaign.brief.campaign, str(campaign.path), campaign.sha256, profile,
-                      {"versions": _versions(), "force": ctx.spec.force,
-                       "task_runner": "dask" if submit else "sequential", "gpu_tag": gpu_tag})
+                      {"versions": _versions(), "force": ctx.spec.force, "review": ctx.spec.review,
+                       "task_runner": "dask" if submit else "sequential", "gpu_tag": gpu_tag}, resume=resume)
     names = [d.name for d in campaign.brief.deliverables]
     board_task = moodboard_task.with_options(tags={GPU_TAG}) if gpu_tag else moodboard_task
     try:
@@ -148,11 +161,16 @@ def _run(ctx: RunContext, campaign: Campaign, submit: bool) -> None:
                 _deliverable_chain(ctx, campaign, name, board, False, gpu_tag)
                 _publish(ctx, campaign, name)
         _publish(ctx, campaign, None)
+        t0 = time.perf_counter()
+        publish_gates(ctx.store, run_id, campaign.brief.campaign)
+        ctx.phases["artifacts"] += time.perf_counter() - t0
     except BaseException as exc:
         lineage.finish_run(store, run_id, error="".join(traceback.format_exception_only(type(exc), exc)).strip(),
                            device=device_used(), info=_counters(ctx))
         raise
     lineage.finish_run(store, run_id, device=device_used(), info=_counters(ctx))
+    with store.sessions() as s:
+        return sorted({g.deliverable for g in lineage.pending_gates(s, run_id)})
 
 
 def _counters(ctx: RunContext) -> dict:

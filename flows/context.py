@@ -31,6 +31,7 @@ class RunSpec:
     stages: Stages = Stages()  # the brief's per-stage overrides of the profile
     brief_root: str = "."
     force: str | None = None  # recompute this stage and every later one even where the assets are stored
+    review: bool = False  # ``atelier run --review``: a person decides at every selection of every deliverable
 
 
 @dataclass
@@ -72,6 +73,6 @@ class RunContext:
 
     def forced(self, stage: str) -> bool:
         """Whether ``--force`` makes ``stage`` recompute its stored assets (masks go with inpaint)."""
-        stage = {"mask": "inpaint", "select-decision": "select"}.get(stage, stage)
+        stage = {"mask": "inpaint", "select-decision": "select", "pick": "select"}.get(stage, stage)
         force = self.spec.force
         return force is not None and stage in STAGES and STAGES.index(stage) >= STAGES.index(force)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import shutil
 import time
@@ -38,7 +39,8 @@ from stages import moodboard as moodboard_stage
 from stages import postedit
 from stages import refine as refine_stage
 from stages import select as select_stage
-from stages.protocol import Input, plan
+from stages import vary as vary_stage
+from stages.protocol import Input, Item, plan
 from store import NewAsset, NewScore, lineage, queries, save
 
 
@@ -147,16 +149,33 @@ def draft_task(ctx: RunContext, campaign: Campaign, name: str) -> list[Ref]:
 
 
 # ----------------------------------------------------------------------------------------- selection
-@task(name="select-drafts", task_run_name="{name}/select", cache_policy=NO_CACHE, **RETRIES)
-def select_task(ctx: RunContext, campaign: Campaign, name: str, drafts: list[Ref], board: BoardRefs) -> list[Ref]:
-    """Score every draft with CLIP and keep the top ``keep`` (diversity-aware).
+@task(name="select-drafts", task_run_name="{name}/select r{round_no}", cache_policy=NO_CACHE, **RETRIES)
+def select_task(ctx: RunContext, campaign: Campaign, name: str, round_no: int, drafts: list[Ref] | None,
+                board: BoardRefs) -> list[Ref] | None:
+    """Score round ``round_no``'s candidates with CLIP and keep the top ``keep`` (diversity-aware); where the
+    brief asks for review, a person's decision at this selection decides instead (``None``: none yet; the
+    deliverable stops here and the run awaits review).
 
-    The decision is keyed by its request (prompt, keep, weights, every draft, the board, CLIP); each kept
+    The decision is keyed by its request (prompt, keep, weights, every candidate, the board, CLIP); each kept
     draft is an asset of its own (same bytes as the draft) keyed by the decision and its rank."""
+    if drafts is None:  # an earlier gate of this deliverable awaits review
+        return None
     d, stage = _deliverable(campaign, name), select_stage.STAGE
-    req = select_stage.SelectRequest(prompt=d.prompt, keep=d.keep, weights=ctx.prof.selection_weights,
-                                     drafts=_inputs(drafts), moodboard=_inputs([board.board])[0], clip=ctx.prof.clip)
+    rounds = campaign.brief.rounds_of(d)
+    keep = min(d.keep if round_no == 0 else rounds[round_no - 1].keep, len(drafts))
+    req = select_stage.SelectRequest(prompt=d.prompt_at(rounds, round_no), keep=keep,
+                                     weights=ctx.prof.selection_weights, drafts=_inputs(drafts),
+                                     moodboard=_inputs([board.board])[0], clip=ctx.prof.clip)
     [decision] = plan(stage, req, ctx.models.identity)
+    clip_kept = _clip_select(ctx, campaign, name, round_no, req, decision, drafts)
+    if not campaign.brief.reviewed_at(d, round_no, ctx.spec.review):
+        return clip_kept
+    return _gate(ctx, campaign, name, round_no, decision.key, drafts)
+
+
+def _clip_select(ctx: RunContext, campaign: Campaign, name: str, round_no: int, req: select_stage.SelectRequest,
+                 decision: Item, drafts: list[Ref]) -> list[Ref]:
+    stage = select_stage.STAGE
     timer = StageTimer(ctx, name, "select", len(drafts))
 
     def kept_key(draft_key: str, rank: int) -> str:
@@ -177,8 +196,9 @@ def select_task(ctx: RunContext, campaign: Campaign, name: str, drafts: list[Ref
     assets = []
     for rank, i in enumerate(sel.kept, start=1):
         sc = sel.scores[i]
-        params = {**decision.recipe, "decision": decision.key, "rank": rank, "prompt_score": sc.prompt_score,
-                  "moodboard_score": sc.moodboard_score, "diversity_penalty": sc.diversity_penalty, "total": sc.total}
+        params = {**decision.recipe, "decision": decision.key, "rank": rank, "round": round_no,
+                  "prompt_score": sc.prompt_score, "moodboard_score": sc.moodboard_score,
+                  "diversity_penalty": sc.diversity_penalty, "total": sc.total}
         with Image.open(drafts[i].path) as im:
             size = im.size
         # Same bytes as the draft (one file on disk); its own row carries the decision.
@@ -191,14 +211,88 @@ def select_task(ctx: RunContext, campaign: Campaign, name: str, drafts: list[Ref
     return refs(ctx.store, [a.key for a in assets])
 
 
+PICK_VERSION = 1
+
+
+def pick_key(decision: str, candidate: str) -> str:
+    """A person kept ``candidate`` at the gate ``decision``: keyed by the two alone, so changing one pick
+    recomputes only that pick's chain (the others keep their keys). Who, when and why are its params."""
+    return asset_key("pick", PICK_VERSION, {"gate": decision}, [(candidate, "source")], None)
+
+
+def _gate(ctx: RunContext, campaign: Campaign, name: str, round_no: int, decision: str,
+          candidates: list[Ref]) -> list[Ref] | None:
+    """The review gate at ``decision``: the latest review's picks (assets of their own), or None when no
+    person has decided yet (the gate is recorded; the run ends "awaiting review")."""
+    lineage.record_gate(ctx.store, ctx.run_id, decision, name, round_no, [c.key for c in candidates])
+    with ctx.store.sessions() as s:
+        review = lineage.latest_review(s, decision)
+        scores = {sc.draft_key: sc for sc in lineage.scores_for(s, decision)}
+    if review is None:
+        ctx.progress.note(f"{name} · round {round_no}: awaiting a person's decision")
+        return None
+    timer = StageTimer(ctx, name, "pick", len(review.kept))
+    by_total = sorted(scores.values(), key=lambda sc: -sc.total)
+    clip_rank = {sc.draft_key: n for n, sc in enumerate(by_total, start=1)}
+    keys = [pick_key(decision, k) for k in review.kept]
+    missing = to_compute(ctx, "pick", keys)
+    paths = {c.key: c.path for c in candidates}
+    assets = []
+    for n, (cand, key) in enumerate(zip(review.kept, keys), start=1):
+        if key not in missing:
+            continue
+        if cand not in paths:
+            raise ValueError(f"review {review.id}: {cand} is not a candidate of gate {decision}")
+        with Image.open(paths[cand]) as im:
+            size = im.size
+        params = {"gate": decision, "round": round_no, "kept_by": review.by, "note": review.note, "review": review.id,
+                  "reviewed_at": review.created_at.isoformat(timespec="seconds"), "order": n,
+                  "clip_rank": clip_rank.get(cand), "candidates": len(candidates),
+                  "stars": review.stars.get(cand)}
+        assets.append(NewAsset(key=key, stage="pick", kind="image", campaign=campaign.brief.campaign, deliverable=name,
+                               data=Path(paths[cand]).read_bytes(), suffix=".png", params=params, width=size[0],
+                               height=size[1], parents=((cand, "source"),)))
+    if assets:
+        save(ctx.store, ctx.run_id, assets)
+    lineage.mark_reused(ctx.store, ctx.run_id, [k for k in keys if k not in missing])
+    timer.done(len(assets), len(keys) - len(assets))
+    return refs(ctx.store, keys)
+
+
+# ------------------------------------------------------------------------------------------- rounds
+@task(name="vary-batch", task_run_name="{name}/vary r{round_no}", cache_policy=NO_CACHE, **RETRIES)
+def vary_task(ctx: RunContext, campaign: Campaign, name: str, round_no: int, kept: list[Ref] | None) -> list[Ref] | None:
+    """Round ``round_no``: ``drafts`` img2img variations of each image the round before kept."""
+    if kept is None:
+        return None
+    d, s = _deliverable(campaign, name), ctx.prof.draft
+    rounds = campaign.brief.rounds_of(d)
+    r = rounds[round_no - 1]
+    w, h = fit_to_area(d.aspect_ratio, s.pixels, s.multiple)
+    inits = [k for k in kept for _ in range(r.drafts)]
+    # Seeds follow the image varied (its key), not its position: changing one pick leaves the others' keys.
+    seeds = tuple(derive_seed(campaign.brief.seed, d.name, "vary", round_no, k.key, j)
+                  for k in kept for j in range(r.drafts))
+    req = vary_stage.VaryRequest(
+        prompt=d.prompt_at(rounds, round_no), negative=_negative(campaign, d), width=w, height=h,
+        steps=max(s.steps, math.ceil(1 / r.strength)), guidance=s.guidance, strength=r.strength,
+        scheduler=s.scheduler, round=round_no, model=ctx.prof.draft_model, inits=_inputs(inits), seeds=seeds,
+        variations=tuple(j for _ in kept for j in range(r.drafts)), batch_size=s.batch_size)
+    return run_stage(ctx, vary_stage.STAGE, req, campaign.brief.campaign, name)
+
+
 # -------------------------------------------------------------------------------------------- refine
 @task(name="refine-batch", task_run_name="{name}/refine", cache_policy=NO_CACHE, **RETRIES)
-def refine_task(ctx: RunContext, campaign: Campaign, name: str, kept: list[Ref], board: BoardRefs) -> list[Ref]:
-    """Full-quality img2img regeneration of the kept drafts, styled by IP-Adapter with the style refs."""
+def refine_task(ctx: RunContext, campaign: Campaign, name: str, kept: list[Ref] | None,
+                board: BoardRefs) -> list[Ref] | None:
+    """Full-quality img2img regeneration of the last round's picks, styled by IP-Adapter with the style refs."""
+    if kept is None:
+        return None
     d, prof, s = _deliverable(campaign, name), ctx.prof, ctx.prof.refine
     w, h = fit_to_area(d.aspect_ratio, s.pixels, s.multiple)
+    rounds = campaign.brief.rounds_of(d)
     req = refine_stage.RefineRequest(
-        prompt=d.prompt, negative=_negative(campaign, d), width=w, height=h, steps=s.steps, guidance=s.guidance,
+        prompt=d.prompt_at(rounds, len(rounds)), negative=_negative(campaign, d), width=w, height=h, steps=s.steps, guidance=s.guidance,
         strength=s.strength, scheduler=s.scheduler, ip_adapter_scale=prof.ip_adapter_scale, model=prof.refine_model,
         ip_adapter=prof.ip_adapter, style_refs=_inputs(board.style_refs), inits=_inputs(kept),
         seeds=tuple(_seed_of(ctx, r.key) for r in kept), batch_size=s.batch_size)
@@ -226,8 +320,11 @@ def _masks(ctx: RunContext, campaign: Campaign, name: str, sources: list[Ref]) -
 
 
 @task(name="inpaint-batch", task_run_name="{name}/inpaint", cache_policy=NO_CACHE, **RETRIES)
-def inpaint_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[Ref], board: BoardRefs) -> list[Ref]:
+def inpaint_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[Ref] | None,
+                 board: BoardRefs) -> list[Ref] | None:
     """Repaint the brief's region / mask in every image; the mask itself is an asset."""
+    if sources is None:
+        return None
     d, prof, s = _deliverable(campaign, name), ctx.prof, ctx.prof.inpaint
     req = postedit.InpaintRequest(
         prompt=d.post.inpaint.prompt, negative=_negative(campaign, d), steps=s.steps, guidance=s.guidance,
@@ -239,15 +336,19 @@ def inpaint_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[R
 
 
 @task(name="face-restore-batch", task_run_name="{name}/face-restore", cache_policy=NO_CACHE, **RETRIES)
-def face_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[Ref]) -> list[Ref]:
+def face_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[Ref] | None) -> list[Ref] | None:
     """Detect faces (OpenCV Haar) and restore each with GFPGAN; boxes go into lineage."""
+    if sources is None:
+        return None
     req = postedit.FaceRequest(face_size=ctx.prof.face_size, face=ctx.prof.face, sources=_inputs(sources))
     return run_stage(ctx, postedit.FACE_RESTORE, req, campaign.brief.campaign, name)
 
 
 @task(name="upscale-batch", task_run_name="{name}/upscale", cache_policy=NO_CACHE, **RETRIES)
-def upscale_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[Ref]) -> list[Ref]:
+def upscale_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[Ref] | None) -> list[Ref] | None:
     """Real-ESRGAN x4 (tiled), then a Lanczos cover-fit to the delivered size."""
+    if sources is None:
+        return None
     w, h = _deliverable(campaign, name).final_size()
     req = postedit.UpscaleRequest(width=w, height=h, tile=ctx.prof.upscale_tile, model=ctx.prof.upscale,
                                   sources=_inputs(sources))
@@ -255,11 +356,11 @@ def upscale_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[R
 
 
 GPU_TAG = "gpu"
-GPU_TASKS = (moodboard_task, draft_task, select_task, refine_task, inpaint_task, face_task, upscale_task)
+GPU_TASKS = (moodboard_task, draft_task, vary_task, select_task, refine_task, inpaint_task, face_task, upscale_task)
 
 
 @task(name="export-finals", task_run_name="{name}/export", cache_policy=NO_CACHE, **RETRIES)
-def export_task(ctx: RunContext, campaign: Campaign, name: str, finals: list[Ref]) -> list[str]:
+def export_task(ctx: RunContext, campaign: Campaign, name: str, finals: list[Ref] | None) -> list[str] | None:
     """Deliver each final as ``<home>/outputs/<campaign>/<deliverable>-<n>.png`` with its lineage sidecar
     (``<deliverable>-<n>.png.json``), and mark it final.
 
@@ -267,7 +368,10 @@ def export_task(ctx: RunContext, campaign: Campaign, name: str, finals: list[Ref
     ``assets/`` stays content-addressed and untouched, so keys and reuse do not depend on signing
     (each signature is new: a time, a random manifest id). An unchanged final already delivered is not signed
     again (``credentials.sign_file_once``). With ``ATELIER_C2PA=off`` it is a hard link.
+    ``None``: the deliverable awaits review; there is nothing to deliver yet.
     """
+    if finals is None:
+        return None
     t0 = time.perf_counter()
     out_dir = ctx.home / "outputs" / campaign.brief.campaign
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from store.db import Store
 from store.files import Staged
-from store.schema import Asset, Edge, Run, RunAsset, Score, StageRun
+from store.schema import Asset, Edge, Gate, Rating, Review, Run, RunAsset, Score, StageRun
 
 FAULT_POINTS = (
     "after-stage",  # files written to assets/.tmp, no row yet
@@ -203,12 +203,20 @@ def mark_final(store: Store, run_id: str, key: str, export_path: str) -> None:
 
 
 def start_run(store: Store, run_id: str, campaign: str, brief_path: str, brief_sha256: str, profile: str,
-              info: dict) -> None:
-    """Record a run as "running", with the process that runs it (``atelier doctor`` finds dead ones)."""
+              info: dict, resume: bool = False) -> None:
+    """Record a run as "running", with the process that runs it (``atelier doctor`` finds dead ones).
+
+    ``resume``: the run exists (it stopped at a review gate, or failed): it runs again under its id; its
+    earlier info is kept and each pass is counted in ``info["passes"]``."""
     info = {"pid": os.getpid(), "host": socket.gethostname(), "process_start": process_start(os.getpid()), **info}
     with store.sessions.begin() as s:
-        s.add(Run(id=run_id, campaign=campaign, brief_path=brief_path, brief_sha256=brief_sha256, profile=profile,
-                  status="running", started_at=utcnow(), info=info))
+        run = s.get(Run, run_id) if resume else None
+        if run is None:
+            s.add(Run(id=run_id, campaign=campaign, brief_path=brief_path, brief_sha256=brief_sha256, profile=profile,
+                      status="running", started_at=utcnow(), info={**info, "passes": 1}))
+            return
+        run.status, run.error, run.finished_at = "running", None, None
+        run.info = {**(run.info or {}), **info, "passes": (run.info or {}).get("passes", 1) + 1}
 
 
 def process_start(pid: int) -> int | None:
@@ -225,7 +233,8 @@ def finish_run(store: Store, run_id: str, error: str | None = None, device: str 
     """Record a run's end; ``info`` (e.g. the process's counters) is merged into the run's ``info``."""
     with store.sessions.begin() as s:
         run = s.get(Run, run_id)
-        run.status = "failed" if error else "completed"
+        pending = _pending_gates(s, run_id)
+        run.status = "failed" if error else AWAITING if pending else "completed"
         run.error = error
         run.finished_at = utcnow()
         extra = {**(info or {}), **({"device": device} if device is not None else {})}
@@ -242,6 +251,56 @@ def record_stage(store: Store, run_id: str, deliverable: str | None, stage: str,
 
 def scores_for(session: Session, decision: str) -> list[Score]:
     return list(session.scalars(select(Score).where(Score.decision == decision)))
+
+
+# ----------------------------------------------------------------------------- review gates and ratings
+AWAITING = "awaiting review"  # a run's status when it stopped at a gate no person has decided yet
+
+
+def record_gate(store: Store, run_id: str, decision: str, deliverable: str, round_no: int,
+                candidates: Sequence[str]) -> None:
+    """Run ``run_id`` reached the selection ``decision``, where a person decides over ``candidates``."""
+    with store.sessions.begin() as s:
+        _insert_new(s, Gate, dict(run_id=run_id, decision=decision, deliverable=deliverable, round=round_no,
+                                  candidates=list(candidates), created_at=utcnow()))
+
+
+def latest_review(s: Session, decision: str) -> Review | None:
+    return s.scalars(select(Review).where(Review.decision == decision).order_by(Review.id.desc()).limit(1)).first()
+
+
+def _pending_gates(s: Session, run_id: str) -> list[Gate]:
+    gates = s.scalars(select(Gate).where(Gate.run_id == run_id).order_by(Gate.deliverable, Gate.round))
+    return [g for g in gates if latest_review(s, g.decision) is None]
+
+
+def pending_gates(s: Session, run_id: str) -> list[Gate]:
+    """The gates of a run no person has decided yet, by deliverable and round."""
+    return _pending_gates(s, run_id)
+
+
+def record_review(store: Store, decision: str, deliverable: str, round_no: int, kept: Sequence[str],
+                  rejected: Sequence[str] = (), stars: dict[str, int] | None = None, note: str = "",
+                  by: str = "", run_id: str | None = None) -> int:
+    """A person's decision at a gate (keys of the candidates kept, in order); its stars and rejects are
+    ratings of those assets too. Returns the review's id."""
+    stars = dict(stars or {})
+    with store.sessions.begin() as s:
+        review = Review(decision=decision, deliverable=deliverable, round=round_no, kept=list(kept),
+                        rejected=list(rejected), stars=stars, note=note, by=by, run_id=run_id, created_at=utcnow())
+        s.add(review)
+        for key in sorted(set(rejected) | set(stars)):
+            s.add(Rating(asset_key=key, stars=stars.get(key), rejected=key in rejected, note="", by=by,
+                         created_at=utcnow()))
+        s.flush()
+        return review.id
+
+
+def rate(store: Store, keys: Sequence[str], stars: int | None, rejected: bool, by: str, note: str = "") -> None:
+    """Stars (1-5) and / or a reject on assets; the latest rating of an asset is the one that counts."""
+    with store.sessions.begin() as s:
+        for key in keys:
+            s.add(Rating(asset_key=key, stars=stars, rejected=rejected, note=note, by=by, created_at=utcnow()))
 
 
 # ------------------------------------------------------------------------------------- repairs (doctor)
@@ -282,6 +341,7 @@ def delete_assets(s: Session, keys: set[str], decisions: set[str]) -> tuple[set[
     s.execute(delete(Score).where(Score.decision.in_(decisions) | Score.draft_key.in_(doomed)))
     s.execute(delete(Edge).where(Edge.child.in_(doomed) | Edge.parent.in_(doomed)))
     s.execute(delete(RunAsset).where(RunAsset.asset_key.in_(doomed)))
+    s.execute(delete(Rating).where(Rating.asset_key.in_(doomed)))
     s.execute(delete(Asset).where(Asset.key.in_(doomed)))
     return doomed, paths
 

@@ -19,7 +19,7 @@ class Run(Base):
     brief_path: Mapped[str] = mapped_column(Text)
     brief_sha256: Mapped[str] = mapped_column(String(64))
     profile: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16))  # running | completed | failed
+    status: Mapped[str] = mapped_column(String(16))  # running | completed | failed | awaiting review
     started_at: Mapped[datetime] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -91,3 +91,46 @@ class StageRun(Base):
     computed: Mapped[int] = mapped_column(Integer)
     reused: Mapped[int] = mapped_column(Integer)
     device: Mapped[str] = mapped_column(String(16))
+
+
+class Gate(Base):
+    """A selection a run stopped at for a person's decision (``review:``); ``decision`` is its key."""
+
+    __tablename__ = "gates"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    decision: Mapped[str] = mapped_column(String(32), primary_key=True, index=True)  # the CLIP decision's key
+    deliverable: Mapped[str] = mapped_column(String(64))
+    round: Mapped[int] = mapped_column(Integer)
+    candidates: Mapped[list] = mapped_column(JSON)  # candidate keys, in the order a reviewer numbers them (1..N)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Review(Base):
+    """A person's decision at a gate: which candidates to keep (in order), reject, star; by whom, why.
+    The latest review of a decision is the one that counts; earlier ones stay as history."""
+
+    __tablename__ = "reviews"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    decision: Mapped[str] = mapped_column(String(32), index=True)
+    deliverable: Mapped[str] = mapped_column(String(64))
+    round: Mapped[int] = mapped_column(Integer)
+    kept: Mapped[list] = mapped_column(JSON)  # candidate keys, in the person's order
+    rejected: Mapped[list] = mapped_column(JSON)
+    stars: Mapped[dict] = mapped_column(JSON)  # candidate key -> 1..5
+    note: Mapped[str] = mapped_column(Text, default="")
+    by: Mapped[str] = mapped_column(String(64))
+    run_id: Mapped[str | None] = mapped_column(String(40), nullable=True)  # the run it was given for
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Rating(Base):
+    """Stars (1-5) or a reject on any asset, across runs; the latest rating of an asset counts."""
+
+    __tablename__ = "ratings"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    asset_key: Mapped[str] = mapped_column(ForeignKey("assets.key"), index=True)
+    stars: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rejected: Mapped[bool] = mapped_column(Boolean, default=False)
+    note: Mapped[str] = mapped_column(Text, default="")
+    by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime)

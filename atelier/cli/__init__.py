@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from atelier.cli import assets, doctor, inspect, models, run, schedule  # noqa: F401  (registers the commands)
+from atelier.cli import assets, doctor, inspect, models, review, run, schedule  # noqa: F401  (registers the commands)
 from atelier.cli.common import app, err
 from atelier.errors import BriefError, UsageError
 

@@ -64,14 +64,22 @@ def run_row(store: Store, run_id: str) -> Run:
     return run
 
 
-def open_gates(store: Store, run_id: str, deliverable: str | None = None) -> list[OpenGate]:
-    """The gates of ``run_id`` no person has decided yet (optionally one deliverable's)."""
+def open_gates(store: Store, run_id: str, deliverable: str | None = None, round_no: int | None = None) -> list[OpenGate]:
+    """The gates of ``run_id`` no person has decided yet (optionally one deliverable's). With ``round_no``, the
+    run's gates of that round decided or not: a decision can be given again (the latest one counts)."""
+    from sqlalchemy import select
+
     from store.schema import Asset, Edge
 
     run_row(store, run_id)
     out = []
     with store.sessions() as s:
-        for g in lineage.pending_gates(s, run_id):
+        if round_no is None:
+            gates = lineage.pending_gates(s, run_id)
+        else:
+            gates = list(s.scalars(select(Gate).where(Gate.run_id == run_id, Gate.round == round_no)
+                                   .order_by(Gate.deliverable)))
+        for g in gates:
             if deliverable is not None and g.deliverable != deliverable:
                 continue
             out.append(_gate_view(s, store, g, Asset, Edge))
@@ -158,10 +166,12 @@ def decide(store: Store, gate: OpenGate, keep: str | list[int] | None, reject: s
         {key[k]: v for k, v in (stars or {}).items()}, note, (by or default_reviewer())[:64], gate.run_id)
 
 
-def choose_gate(gates: list[OpenGate], run_id: str, deliverable: str | None) -> OpenGate:
-    """The one gate a decision is for: the only open one, or the given deliverable's."""
+def choose_gate(gates: list[OpenGate], run_id: str, deliverable: str | None, round_no: int | None = None) -> OpenGate:
+    """The one gate a decision is for: the only open one, or the given deliverable's (and round's)."""
+    where = f" for deliverable {deliverable!r}" if deliverable else ""
+    if not gates and round_no is not None:
+        raise UsageError(f"run {run_id} has no gate at round {round_no}{where}")
     if not gates:
-        where = f" for deliverable {deliverable!r}" if deliverable else ""
         raise UsageError(f"run {run_id} has nothing awaiting review{where} (see `atelier review {run_id}`)")
     if len(gates) > 1:
         names = ", ".join(f"{g.deliverable} (round {g.round})" for g in gates)

@@ -292,9 +292,9 @@ def refine_task(ctx: RunContext, campaign: Campaign, name: str, kept: list[Ref] 
     w, h = fit_to_area(d.aspect_ratio, s.pixels, s.multiple)
     rounds = campaign.brief.rounds_of(d)
     req = refine_stage.RefineRequest(
-        prompt=d.prompt_at(rounds, len(rounds)), negative=_negative(campaign, d), width=w, height=h, steps=s.steps, guidance=s.guidance,
-        strength=s.strength, scheduler=s.scheduler, ip_adapter_scale=prof.ip_adapter_scale, model=prof.refine_model,
-        ip_adapter=prof.ip_adapter, style_refs=_inputs(board.style_refs), inits=_inputs(kept),
+        prompt=d.prompt_at(rounds, len(rounds)), negative=_negative(campaign, d), width=w, height=h, steps=s.steps,
+        guidance=s.guidance, strength=s.strength, scheduler=s.scheduler, ip_adapter_scale=prof.ip_adapter_scale,
+        model=prof.refine_model, ip_adapter=prof.ip_adapter, style_refs=_inputs(board.style_refs), inits=_inputs(kept),
         seeds=tuple(_seed_of(ctx, r.key) for r in kept), batch_size=s.batch_size)
     return run_stage(ctx, refine_stage.STAGE, req, campaign.brief.campaign, name)
 

@@ -54,6 +54,24 @@ def test_final_sizes(brief_dir: Path, size: str, aspect: str, expected) -> None:
     assert load_brief(write_brief(brief_dir, text)).brief.deliverables[0].final_size() == expected
 
 
+def test_rounds_and_review(brief_dir: Path) -> None:
+    text = GOOD.replace("seed: 1234", "seed: 1234\nreview: true\nrounds: [{vary: strong, drafts: 3, keep: 2}]")
+    text = text.replace("keep: 2\n", "keep: 2\n    rounds:\n      - {vary: 0.3, drafts: 2, keep: 3, prompt: 'a blue bicycle'}\n"
+                        "      - {prompt_append: 'at night', keep: 1}\n", 1)
+    b = load_brief(write_brief(brief_dir, text)).brief
+    d = b.deliverables[0]
+    rounds = b.rounds_of(d)
+    assert [r.strength for r in rounds] == [0.3, 0.5] and [r.keep for r in rounds] == [3, 1]
+    assert [d.prompt_at(rounds, n) for n in range(3)] == [d.prompt, "a blue bicycle", "a blue bicycle, at night"]
+    assert b.review_of(d) == "every" and all(b.reviewed_at(d, n) for n in range(3))
+    last = load_brief(write_brief(brief_dir, GOOD.replace("keep: 2\n", "keep: 2\n    review: last\n"))).brief
+    d = last.deliverables[0]
+    assert [last.reviewed_at(d, n) for n in range(2)] == [True, False]  # no rounds: round 0 is the last
+    plain = load_brief(write_brief(brief_dir, GOOD)).brief
+    assert last.rounds_of(d) == () and plain.review_of(plain.deliverables[0]) is None
+    assert last.review_of(d, override=False) == "last" and last.review_of(d, override=True) == "every"
+
+
 def test_fit_to_area() -> None:
     w, h = fit_to_area(16 / 9, 1024 * 1024, 64)
     assert (w, h) == (1344, 768)
@@ -90,6 +108,14 @@ BAD = [
      "deliverables[0].post.inpaint", "exactly one of region"),
     ('inpaint: {region: [0.7, 0.0, 0.3, 0.2], prompt: "plain wall"}', 'inpaint: {mask: refs/nope.png, prompt: "x"}',
      "deliverables[0].post.inpaint.mask", "no such file"),
+    ("keep: 2", "keep: 2\n    rounds: [{vary: wild}]", "deliverables[0].rounds[0].vary", "expected subtle, strong or a"),
+    ("keep: 2", "keep: 2\n    rounds: [{vary: 1.5}]", "deliverables[0].rounds[0].vary", "(0, 1]"),
+    ("keep: 2", "keep: 2\n    rounds: [{drafts: 2, keep: 5}]", "deliverables[0].rounds[0].keep",
+     "keep (5) must be <= the 2 image(s) kept before x drafts (2) = 4"),
+    ("keep: 2", "keep: 2\n    rounds: [{keep: 1}, {drafts: 1, keep: 2}]", "deliverables[0].rounds[1].keep", "= 1"),
+    ("keep: 2", "keep: 2\n    rounds: [{stars: 3}]", "deliverables[0].rounds[0].stars", "unknown key"),
+    ("keep: 2", "keep: 2\n    review: sometimes", "deliverables[0].review", "every"),
+    ("seed: 1234", "seed: 1234\nrounds: [{drafts: 1, keep: 3}]", "rounds[0].keep", "(deliverable hero)"),
 ]
 
 

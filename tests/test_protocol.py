@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from atelier.profiles import ModelSpec
-from stages import draft, moodboard, postedit, refine, select
+from stages import draft, moodboard, postedit, refine, select, vary
 from stages.protocol import Input, Stage, items_of, plan, subset
 
 SD = ModelSpec("sd", "diffusers", "tiny:sd")
@@ -44,6 +44,8 @@ REQUESTS: list[tuple[Stage, object]] = [
     (postedit.UPSCALE, postedit.UpscaleRequest(width=3840, height=2160, tile=128,
                                                model=ModelSpec("u", "realesrgan", "ncnn:x"), sources=_in("src"))),
     (moodboard.STAGE, moodboard.MoodboardRequest(max_style_refs=4, references=_in("ref", 3), clip=CLIP)),
+    (vary.STAGE, vary.VaryRequest(prompt="p", negative="n", width=64, height=64, steps=4, guidance=1.0, strength=0.5,
+                                  scheduler="lcm", round=1, model=SD, inits=_in("kept"), seeds=(7, 8), variations=(0, 1))),
     (select.STAGE, select.SelectRequest(prompt="p", keep=2, weights=(1.0, 0.5, 0.3), drafts=_in("d", 4),
                                         moodboard=Input("board", Path("/files/board.npz")), clip=CLIP)),
 ]

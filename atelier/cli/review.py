@@ -18,6 +18,8 @@ def review(
     run_id: str = typer.Argument(..., help="the run that awaits review"),
     deliverable: Optional[str] = typer.Option(None, "--deliverable", "-d", help="the deliverable decided for "
                                                                                "(needed when several await review)"),
+    round_no: Optional[int] = typer.Option(None, "--round", min=0, help="a gate of this round, even one decided "
+                                                                       "already: decide again (the latest counts)"),
     keep: Optional[str] = typer.Option(None, "--keep", help="candidates to keep, in order, e.g. 3,5"),
     accept: bool = typer.Option(False, "--accept", help="keep CLIP's suggestion"),
     reject: Optional[str] = typer.Option(None, "--reject", help="candidates to reject, e.g. 2,7"),
@@ -27,6 +29,7 @@ def review(
     resume: bool = typer.Option(False, "--resume", help="continue the run at once after the decision"),
     serve: bool = typer.Option(False, "--serve", help="open a local review page (127.0.0.1, a random port and token)"),
     port: int = typer.Option(0, "--port", help="with --serve: the port (0: a free one)"),
+    open_page: bool = typer.Option(False, "--open", help="with --serve: open the page in the default browser"),
     home: Optional[Path] = HomeOpt,
     store_url: Optional[str] = StoreOpt,
     assets_url: Optional[str] = AssetsOpt,
@@ -37,19 +40,22 @@ def review(
 
     st = _open(home, store_url, assets_url)
     try:
-        gates = rv.open_gates(st, run_id, deliverable)
+        gates = rv.open_gates(st, run_id, deliverable, round_no)
         if serve:
             from atelier.review_page import serve_review
 
-            decided = serve_review(st, run_id, by=by, port=port, announce=lambda m: out.print(m, highlight=False))
+            decided = serve_review(st, run_id, by=by, port=port, deliverable=deliverable, resumes=resume,
+                                   open_browser=open_page,
+                                   announce=lambda m: out.print(m, highlight=False, markup=False, soft_wrap=True))
             if decided and resume:
                 return _resume(run_id, home, store_url, assets_url)
             return
         if keep is None and not accept and not reject and not star:
-            if deliverable is not None and not gates:
-                raise UsageError(f"run {run_id}: nothing awaits review for deliverable {deliverable!r}")
+            if (deliverable is not None or round_no is not None) and not gates:
+                raise UsageError(f"run {run_id}: no gate for deliverable {deliverable or 'any'!r}"
+                                 + (f" at round {round_no}" if round_no is not None else ""))
             return _print_gates(run_id, gates, as_json)
-        gate = rv.choose_gate(gates, run_id, deliverable)
+        gate = rv.choose_gate(gates, run_id, deliverable, round_no)
         stars = rv.parse_stars(star, len(gate.candidates))
         review_id = rv.decide(st, gate, keep, reject, stars, note, by, accept=accept)
     except UsageError as exc:

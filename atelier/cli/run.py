@@ -26,9 +26,14 @@ def validate(brief: Path = typer.Argument(..., help="the YAML brief")) -> None:
     except BriefError as exc:
         _fail(str(exc))
     b = campaign.brief
+    rounds = sum(len(b.rounds_of(d)) for d in b.deliverables)
+    finals = sum((b.rounds_of(d)[-1].keep if b.rounds_of(d) else d.keep) for d in b.deliverables)
+    gated = [d.name for d in b.deliverables if b.review_of(d)]
     out.print(f"[green]ok[/] {brief}: campaign {b.campaign}, profile {b.profile}, {len(campaign.style_refs)} "
               f"reference image(s), {len(b.deliverables)} deliverable(s), "
-              f"{sum(d.drafts for d in b.deliverables)} drafts → {sum(d.keep for d in b.deliverables)} finals")
+              f"{sum(d.drafts for d in b.deliverables)} drafts"
+              + (f", {rounds} variation round(s)" if rounds else "") + f" → {finals} finals"
+              + (f"; a person decides for {', '.join(gated)}" if gated else ""))
 
 
 def _missing_models(prof: Any, models_dir: Path) -> list[str]:
@@ -143,13 +148,14 @@ def execute(brief: Path, campaign: Any, run_id: str, profile: str, home: Optiona
 
 @app.command()
 def resume(
-    run_id: str = typer.Argument(..., help="the run to continue (one that awaits review, or failed)"),
+    run_id: str = typer.Argument(..., help="the run to continue (one that awaits review, failed, or was killed)"),
     home: Optional[Path] = HomeOpt,
     store_url: Optional[str] = StoreOpt,
     assets_url: Optional[str] = AssetsOpt,
     report: bool = typer.Option(True, "--report/--no-report", help="print the run report at the end"),
 ) -> None:
-    """Continue a run from its review gates (or after a failure): what is stored is reused."""
+    """Continue a run from its review gates (or after a failure or a kill): what is stored is reused, and a
+    decision changed since (`atelier review RUN --round N`) recomputes only what follows the changed picks."""
     resume_run(run_id, home, store_url, assets_url, report)
 
 
@@ -167,9 +173,13 @@ def resume_run(run_id: str, home: Optional[Path], store_url: Optional[str], asse
     except UsageError as exc:
         _fail(str(exc))
     if r.status == "running":
-        _fail(f"run {run_id} is running (pid {(r.info or {}).get('pid')}); see `atelier doctor` if its process is gone")
-    if r.status == "completed":
-        _fail(f"run {run_id} completed already; `atelier run {r.brief_path}` runs the brief again")
+        from store import lineage
+        from store.doctor import _alive
+
+        if _alive(r.info or {}) is not False:
+            _fail(f"run {run_id} is running (pid {(r.info or {}).get('pid')} on {(r.info or {}).get('host')})")
+        with st.sessions.begin() as s:  # its process died (killed, crashed): resume it
+            lineage.mark_dead_run(s, run_id, "process gone; resumed")
     brief = Path(r.brief_path)
     try:
         campaign = load_brief(brief)

@@ -262,16 +262,20 @@ def test_prefect_shows_the_paused_run_and_its_candidates(flow) -> None:
     """The first pass of the run ended in a Completed state named AwaitingReview, with a Markdown artifact."""
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import FlowRunSort
 
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs()
+        runs = client.read_flow_runs(limit=200, sort=FlowRunSort.START_TIME_DESC)
         states = [st for fr in runs for st in client.read_flow_run_states(fr.id)
                   if (fr.parameters or {}).get("run_id") == flow["run_id"]]
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rounds-awaiting-review"])))
+        response = client._client.post("/artifacts/filter", json={
+            "artifacts": ArtifactFilter(key=ArtifactFilterKey(any_=["rounds-awaiting-review"])).model_dump(mode="json"),
+            "sort": "CREATED_DESC", "limit": 50, "offset": 0})
+        arts = response.json()
     named = [st for st in states if st.name == "AwaitingReview"]
     assert named and all(st.type.value == "COMPLETED" for st in named)
     assert f"atelier review {flow['run_id']}" in named[0].message
-    assert arts and any(flow["run_id"] in (a.data or "") and "CLIP rank" in (a.data or "") for a in arts)
+    assert arts and any(flow["run_id"] in (a["data"] or "") and "CLIP rank" in (a["data"] or "") for a in arts)
 
 
 def test_a_schedule_tick_resumes_reviewed_runs_and_does_not_restart_waiting_ones(prefect_server, models_dir,

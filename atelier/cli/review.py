@@ -21,7 +21,7 @@ def review(
     round_no: Optional[int] = typer.Option(None, "--round", min=0, help="a gate of this round, even one decided "
                                                                        "already: decide again (the latest counts)"),
     keep: Optional[str] = typer.Option(None, "--keep", help="candidates to keep, in order, e.g. 3,5"),
-    accept: bool = typer.Option(False, "--accept", help="keep CLIP's suggestion"),
+    accept: bool = typer.Option(False, "--accept", help="keep CLIP's suggestion (alone: at every open gate)"),
     reject: Optional[str] = typer.Option(None, "--reject", help="candidates to reject, e.g. 2,7"),
     star: Optional[list[str]] = typer.Option(None, "--star", help="CANDIDATE=STARS (1-5); repeatable"),
     note: str = typer.Option("", "--note", help="why (shown in lineage)"),
@@ -54,18 +54,23 @@ def review(
             if (deliverable is not None or round_no is not None) and not gates:
                 raise UsageError(f"run {run_id}: no gate for deliverable {deliverable or 'any'!r}"
                                  + (f" at round {round_no}" if round_no is not None else ""))
-            return _print_gates(run_id, gates, as_json)
-        gate = rv.choose_gate(gates, run_id, deliverable, round_no)
-        stars = rv.parse_stars(star, len(gate.candidates))
-        review_id = rv.decide(st, gate, keep, reject, stars, note, by, accept=accept)
+            return _print_gates(run_id, gates, as_json, st.home)
+        if accept and keep is None and not reject and not star and len(gates) > 1:
+            chosen = gates  # --accept alone, several gates: CLIP's suggestion at each of them
+        else:
+            chosen = [rv.choose_gate(gates, run_id, deliverable, round_no)]
+        stars = rv.parse_stars(star, len(chosen[0].candidates))
+        recorded = [(g, rv.decide(st, g, keep, reject, stars, note, by, accept=accept)) for g in chosen]
     except UsageError as exc:
         _fail(str(exc))
-    rest = [g for g in rv.open_gates(st, run_id) if g.decision != gate.decision]
+    done = {g.decision for g, _ in recorded}
+    rest = [g for g in rv.open_gates(st, run_id) if g.decision not in done]
     if as_json:
-        _print_json({"review": review_id, "run": run_id, "deliverable": gate.deliverable, "round": gate.round,
-                     "awaiting": [g.deliverable for g in rest]})
+        _print_json({"reviews": [{"review": rid, "deliverable": g.deliverable, "round": g.round} for g, rid in recorded],
+                     "run": run_id, "awaiting": [g.deliverable for g in rest]})
     else:
-        out.print(f"recorded review {review_id}: {gate.deliverable} round {gate.round}", highlight=False)
+        for gate, review_id in recorded:
+            out.print(f"recorded review {review_id}: {gate.deliverable} round {gate.round}", highlight=False)
         if rest:
             out.print("still awaiting review: " + ", ".join(g.deliverable for g in rest), highlight=False)
         elif not resume:
@@ -82,7 +87,7 @@ def _resume(run_id: str, home: Optional[Path], store_url: Optional[str], assets_
     resume_run(run_id, home, store_url, assets_url, report=False)
 
 
-def _print_gates(run_id: str, gates: list, as_json: bool) -> None:
+def _print_gates(run_id: str, gates: list, as_json: bool, home: Path) -> None:
     if as_json:
         return _print_json({"run": run_id, "awaiting": [g.to_dict() for g in gates]})
     if not gates:
@@ -90,15 +95,23 @@ def _print_gates(run_id: str, gates: list, as_json: bool) -> None:
         return
     for g in gates:
         table = Table("#", "CLIP rank", "total", "prompt fit", "mood-board fit", "CLIP keeps", "stage", "file",
-                      title=f"{g.deliverable} · round {g.round}")
+                      title=f"{g.deliverable} · round {g.round}", caption=f"files under {home}")
         for c in g.candidates:
             fmt = (lambda v: "" if v is None else f"{v:.3f}")
             table.add_row(str(c.number), str(c.clip_rank or ""), fmt(c.total), fmt(c.prompt_score),
-                          fmt(c.moodboard_score), "✓" if c.clip_kept else "", c.stage, escape(c.path))
+                          fmt(c.moodboard_score), "✓" if c.clip_kept else "", c.stage,
+                          escape(_rel(c.path, home)))
         out.print(table)
         out.print(f"CLIP suggests: {','.join(map(str, g.suggestion))}   decide: atelier review {run_id} "
                   f"--deliverable {g.deliverable} --keep {','.join(map(str, g.suggestion))} [--resume]",
                   highlight=False)
+
+
+def _rel(path: str, home: Path) -> str:
+    try:
+        return str(Path(path).relative_to(home))
+    except ValueError:
+        return path
 
 
 @app.command()

@@ -134,10 +134,10 @@ def execute(brief: Path, campaign: Any, run_id: str, profile: str, home: Optiona
         out.print(f"run {run_id} [bold yellow]awaits review[/] after {seconds:.1f}s:")
         for g in gates:
             out.print(f"  {g.deliverable} · round {g.round}: {len(g.candidates)} candidates; CLIP suggests "
-                      f"{','.join(map(str, g.suggestion))}", highlight=False)
+                      f"{','.join(map(str, g.suggestion))}", highlight=False, soft_wrap=True)
         out.print(f"see them: atelier review {run_id}   (or a page to click: atelier review {run_id} --serve)\n"
                   f"decide:   atelier review {run_id} --deliverable NAME --keep 3,5 --resume\n"
-                  f"later:    atelier resume {run_id}", highlight=False)
+                  f"later:    atelier resume {run_id}", highlight=False, soft_wrap=True)
         return
     out.print(f"run {run_id} completed in {seconds:.1f}s")
     if report:

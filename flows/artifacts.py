@@ -31,11 +31,16 @@ def publish_deliverable(st: Store, run_id: str, campaign: str, deliverable: str)
     with st.sessions() as s:
         data = sheet_data(s, s.get(Run, run_id), only=deliverable)
     d = data["deliverables"].get(deliverable, {"finals": [], "moodboard": []})
-    rows = [{"key": x["key"][:12], "seed": x.get("seed"), "prompt score": x.get("prompt_score"),
+    rounds = d.get("rounds") or [{"round": 0, "candidates": d.get("draft", [])}]
+    rows = [{"round": rd["round"], "key": x["key"][:12], "seed": x.get("seed"), "prompt score": x.get("prompt_score"),
              "mood-board score": x.get("moodboard_score"), "total": x.get("total"),
-             "kept": "✓" if x.get("kept") else "", "rank": x.get("rank")} for x in d.get("draft", [])]
+             "kept": "✓" if x.get("kept") else "", "rank": x.get("rank"),
+             "picked": f"#{x['picked']} {x.get('picked_by')}" if x.get("picked") else "",
+             "stars": (x.get("rating") or {}).get("stars"), "rejected": "✗" if (x.get("rating") or {}).get("rejected")
+             else ""} for rd in rounds for x in rd["candidates"]]
     create_table_artifact(rows, key=_key(campaign, deliverable, "drafts"),
-                          description=f"{deliverable}: every draft's CLIP scores and the selection")
+                          description=f"{deliverable}: every candidate's CLIP scores (drafts, then each round's "
+                                      "variations), CLIP's selection, a person's picks and ratings")
     if deliverable in data["deliverables"]:
         create_markdown_artifact(markdown_sheet(data, st.files.path, deliverable, thumbs_dir(st.home)),
                                  key=_key(campaign, deliverable, "sheet"),

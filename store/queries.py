@@ -8,13 +8,15 @@ from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from store.files import AssetFiles, FsspecFiles
-from store.schema import Asset, Edge, Run, RunAsset, Score, StageRun
+from store.schema import Asset, Edge, Gate, Rating, Review, Run, RunAsset, Score, StageRun
 
-STAGE_ORDER = ["reference", "moodboard", "draft", "select", "refine", "mask", "inpaint", "face_restore", "upscale"]
+STAGE_ORDER = ["reference", "moodboard", "draft", "vary", "select", "pick", "refine", "mask", "inpaint", "face_restore",
+               "upscale"]
+RATING_OPS = (">=", "<=", ">", "<", "=")  # ``--rating`` comparisons, longest first
 
 
 def existing(session: Session, files: AssetFiles | FsspecFiles, keys: Iterable[str]) -> dict[str, Asset]:
@@ -92,15 +94,24 @@ def scores_by_draft(session: Session, draft_keys: Iterable[str]) -> dict[str, li
     return out
 
 
+def scores_of_decision(session: Session, decision: str) -> list[Score]:
+    """Every candidate's scores within one selection decision."""
+    return list(session.scalars(select(Score).where(Score.decision == decision)))
+
+
 def search_assets(session: Session, *, campaign: str | None = None, deliverable: str | None = None,
                   stage: str | None = None, model: str | None = None, seed: int | None = None,
-                  since: datetime | None = None, kept: bool | None = None, limit: int = 200) -> list[Asset]:
+                  since: datetime | None = None, kept: bool | None = None, rating: tuple[str, int] | None = None,
+                  rejected: bool | None = None, limit: int = 200) -> list[Asset]:
     """Assets across runs, newest first, filtered on what the lineage records.
 
     ``model`` matches a model name anywhere in the asset's model identity (``name``, or a ``pipeline`` /
     ``ip_adapter`` sub-identity); ``seed`` the recorded seed; ``kept`` a draft that some selection kept
-    (True) or never kept (False): it implies stage ``draft``. JSON fields are filtered in Python after
-    the SQL filters (portable across SQLite / PostgreSQL; the SQL ones do most of the narrowing).
+    (True) or never kept (False): it implies stage ``draft``. ``rating``: (operator, stars), e.g. (">=", 4),
+    on the asset's latest rating (``RATING_OPS``; an asset never rated, or rated with no stars, does not
+    match); ``rejected``: its latest rating rejects it (True) or nothing rejects it now (False).
+    JSON fields are filtered in Python after the SQL filters (portable across SQLite / PostgreSQL; the SQL
+    ones do most of the narrowing).
     """
     q = select(Asset).order_by(Asset.created_at.desc(), Asset.key)
     if campaign is not None:
@@ -113,6 +124,11 @@ def search_assets(session: Session, *, campaign: str | None = None, deliverable:
         q = q.where(Asset.key.in_(kept_keys) if kept else Asset.key.not_in(kept_keys))
     if stage is not None:
         q = q.where(Asset.stage == stage)
+    if rating is not None:
+        q = q.where(Asset.key.in_(_rated(rating_condition(*rating))))
+    if rejected is not None:
+        rejects = _rated(Rating.rejected.is_(True))
+        q = q.where(Asset.key.in_(rejects) if rejected else Asset.key.not_in(rejects))
     if since is not None:
         q = q.where(Asset.created_at >= since)
     out = []
@@ -142,3 +158,53 @@ def kept_drafts(session: Session, draft_keys: Iterable[str]) -> set[str]:
     if not keys:
         return set()
     return set(session.scalars(select(Score.draft_key).where(Score.draft_key.in_(keys), Score.kept.is_(True))))
+
+
+# ------------------------------------------------------------------------------ ratings, reviews, gates
+def _latest_rating_ids():
+    """The id of each asset's latest rating (the one that counts)."""
+    return select(func.max(Rating.id)).group_by(Rating.asset_key)
+
+
+def _rated(condition):  # noqa: ANN001, ANN202 - a SQL expression on Rating
+    """Keys of the assets whose latest rating meets ``condition``."""
+    return select(Rating.asset_key).where(Rating.id.in_(_latest_rating_ids()), condition)
+
+
+def rating_condition(op: str, stars: int):  # noqa: ANN201 - a SQL expression
+    if op not in RATING_OPS:
+        raise ValueError(f"unknown comparison {op!r}; one of {' '.join(RATING_OPS)}")
+    col = Rating.stars
+    return {">=": col >= stars, "<=": col <= stars, ">": col > stars, "<": col < stars, "=": col == stars}[op]
+
+
+def latest_ratings(session: Session, keys: Iterable[str]) -> dict[str, Rating]:
+    """The latest rating of each of ``keys`` that has one."""
+    keys = list(dict.fromkeys(keys))
+    out: dict[str, Rating] = {}
+    for i in range(0, len(keys), 500):  # SQL parameter limits
+        chunk = keys[i:i + 500]
+        ids = select(func.max(Rating.id)).where(Rating.asset_key.in_(chunk)).group_by(Rating.asset_key)
+        out.update({r.asset_key: r for r in session.scalars(select(Rating).where(Rating.id.in_(ids)))})
+    return out
+
+
+def run_gates(session: Session, run_id: str) -> list[Gate]:
+    """The review gates a run reached, by deliverable and round."""
+    return list(session.scalars(select(Gate).where(Gate.run_id == run_id).order_by(Gate.deliverable, Gate.round)))
+
+
+def reviews_by_id(session: Session, ids: Iterable[int]) -> dict[int, Review]:
+    ids = [i for i in set(ids) if i is not None]
+    if not ids:
+        return {}
+    return {r.id: r for r in session.scalars(select(Review).where(Review.id.in_(ids)))}
+
+
+def latest_reviews(session: Session, decisions: Iterable[str]) -> dict[str, Review]:
+    """The latest review (the one that counts) of each of ``decisions`` that has one."""
+    decisions = [d for d in set(decisions) if d]
+    if not decisions:
+        return {}
+    ids = select(func.max(Review.id)).where(Review.decision.in_(decisions)).group_by(Review.decision)
+    return {r.decision: r for r in session.scalars(select(Review).where(Review.id.in_(ids)))}

@@ -15,6 +15,7 @@ from rich.table import Table
 from atelier.cli.common import HomeOpt, JsonOpt, StoreOpt, _fail, _open, _print_json, app, out
 
 _AGE = re.compile(r"^(\d+)([mhdw])$")
+_RATING = re.compile(r"^\s*(>=|<=|>|<|=|==)?\s*(\d+)\s*$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
@@ -30,6 +31,22 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     return t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t
 
 
+def parse_rating(text: str) -> tuple[str, int]:
+    """``>=4``, ``<=2``, ``>3``, ``<3``, ``=5`` (or ``5``, ``==5``) → (operator, stars 1-5). ValueError otherwise."""
+    m = _RATING.match(text)
+    if m is None or not 1 <= int(m.group(2)) <= 5:
+        raise ValueError(text)
+    op = m.group(1) or "="
+    return ("=" if op == "==" else op), int(m.group(2))
+
+
+def rating_text(r: dict | None) -> str:
+    """★4, ✗ (rejected), ★2 ✗ or "" for an asset's latest rating (``atelier.report.rating_dict``)."""
+    if not r:
+        return ""
+    return " ".join(x for x in (f"★{r['stars']}" if r.get("stars") else "", "✗" if r.get("rejected") else "") if x)
+
+
 @app.command()
 def assets(
     campaign: Optional[str] = typer.Option(None, "--campaign", help="campaign name"),
@@ -39,11 +56,14 @@ def assets(
     seed: Optional[int] = typer.Option(None, "--seed", help="the recorded seed"),
     since: Optional[str] = typer.Option(None, "--since", help="made since: 2026-11-27[T10:00] (UTC) or 30m / 2h / 7d"),
     kept: Optional[bool] = typer.Option(None, "--kept/--not-kept", help="drafts a selection kept / never kept"),
+    rating: Optional[str] = typer.Option(None, "--rating", help="latest rating: '>=4', '<3', '=5' (stars 1-5)"),
+    rejected: Optional[bool] = typer.Option(None, "--rejected/--not-rejected",
+                                            help="its latest rating rejects it / nothing rejects it"),
     limit: int = typer.Option(50, "--limit", min=1, help="at most this many, newest first"),
     home: Optional[Path] = HomeOpt, store_url: Optional[str] = StoreOpt, as_json: bool = JsonOpt,
 ) -> None:
-    """Assets across all runs, newest first, filtered on their lineage."""
-    from atelier.report import asset_dict, model_name
+    """Assets across all runs, newest first, filtered on their lineage and ratings (the latest rating counts)."""
+    from atelier.report import asset_dict, model_name, rating_dict
     from store import queries
 
     # 1. Check inputs (before opening anything)
@@ -55,13 +75,20 @@ def assets(
         since_t = parse_since(since) if since is not None else None
     except ValueError:
         _fail(f"--since: expected a date (2026-11-27, 2026-11-27T10:00) or an age (30m, 2h, 7d), got {since!r}")
+    try:
+        rating_q = parse_rating(rating) if rating is not None else None
+    except ValueError:
+        _fail(f"--rating: expected a comparison and 1-5 stars like '>=4', '<=2', '>3', '<3' or '=5', got {rating!r}")
     # 2. Query
     st = _open(home, store_url)
     with st.sessions() as s:
         rows = queries.search_assets(s, campaign=campaign, deliverable=deliverable, stage=stage, model=model,
-                                     seed=seed, since=since_t, kept=kept, limit=limit)
+                                     seed=seed, since=since_t, kept=kept, rating=rating_q, rejected=rejected,
+                                     limit=limit)
         kept_keys = queries.kept_drafts(s, [a.key for a in rows if a.stage == "draft"])
-        found = [{**asset_dict(a), **({"kept": a.key in kept_keys} if a.stage == "draft" else {})} for a in rows]
+        ratings = queries.latest_ratings(s, [a.key for a in rows])
+        found = [{**asset_dict(a), **({"kept": a.key in kept_keys} if a.stage == "draft" else {}),
+                  **({"rating": rating_dict(ratings[a.key])} if a.key in ratings else {})} for a in rows]
     if as_json:
         return _print_json(found)
     # 3. Show
@@ -71,7 +98,8 @@ def assets(
     table.add_column("deliverable", overflow="fold")  # campaign/deliverable
     table.add_column("model", overflow="fold")
     for a in found:
-        table.add_row(a["key"][:10], a["stage"] + (" ✓" if a.get("kept") else ""),
+        table.add_row(a["key"][:10], " ".join(x for x in (a["stage"], "✓" if a.get("kept") else "",
+                                                           rating_text(a.get("rating"))) if x),
                       f"{a['width']}x{a['height']}" if a["width"] else "", str(a["params"].get("seed", "")),
                       escape(f"{a['campaign']}/{a['deliverable'] or '-'}"), escape(model_name(a["model"]) or ""))
     out.print(table)

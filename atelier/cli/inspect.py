@@ -56,7 +56,8 @@ def _show_report(home: Any, store_url: Any, run_id: Optional[str], as_json: bool
 
 
 def _print_report(data: dict, home: Path) -> None:
-    """Per deliverable a tree (mood board → drafts → each stage → finals), then the run's summary tables."""
+    """Per deliverable a tree (mood board → drafts → selection → [variations → selection]... → each stage →
+    finals, or what awaits review), then the run's summary tables."""
     r = data["run"]
     out.print(f"[bold]run {r['id']}[/] · {escape(r['campaign'])} · profile {r['profile']} · {r['status']}",
               highlight=False)
@@ -65,51 +66,23 @@ def _print_report(data: dict, home: Path) -> None:
     elif r.get("models_note"):
         out.print(f"[dim]{escape(r['models_note'])}[/]", highlight=False)
     for name, d in data["deliverables"].items():
-        drafts = d.get("draft", [])
-        names = {x["key"]: f"draft #{x['index']}" for x in drafts}
-        names.update({x["key"]: names.get(x.get("from"), x["key"][:10]) for x in d.get("select", [])})
-        # Each chain in the order of its draft's rank (#1 first), following ``from`` links.
-        rank = {x["key"]: x.get("rank") or 99 for x in drafts}
-        for stage in ("select", "refine", "inpaint", "face_restore", "upscale"):
-            for x in d.get(stage, []):
-                rank[x["key"]] = rank.get(x.get("from"), 99)
-            d.get(stage, []).sort(key=lambda x: (rank[x["key"]], x["key"]))
-        wall = sum(v["seconds"] for v in d["stages"].values())
-        tree = Tree(f"[bold]{escape(name)}[/] · {wall:.1f} s wall · {d['cost']['total_s']:.1f} s device",
-                    guide_style="dim")
-        refs = ", ".join(Path(str(x["source"])).name for x in d["moodboard"])
-        tree.add(f"mood board · {len(d['moodboard'])} refs: {escape(refs)}")
-        for stage in ("draft", "select", "refine", "inpaint", "face_restore", "upscale"):
-            if stage not in d:
-                continue
-            st = d["stages"].get(stage, {})
-            label = {"draft": "drafts", "select": "selection"}.get(stage, stage)
-            node = tree.add(f"[bold]{label}[/] {len(d[stage])} · {st.get('seconds', 0):.1f} s · "
-                            f"cost {d['cost']['per_stage_s'].get(stage, 0):.1f} s"
-                            + (f" · {st['reused']} reused" if st.get("reused") else ""))
-            if stage == "select":
-                continue  # the kept marks are on the drafts
-            for x in d[stage]:
-                if stage == "draft":
-                    score = (f" · prompt {x['prompt_score']:+.3f} · mood {x['moodboard_score']:+.3f}"
-                             if "total" in x else "")
-                    kept = f" [green]✓ kept #{x['rank']}[/]" if x.get("kept") else ""
-                    node.add(f"#{x['index']} seed {x['seed']}{score}{kept}")
-                    continue
-                src = names.get(x.get("from"), (x.get("from") or "")[:10])
-                extra = f" · faces {len(x['faces'])}" if stage == "face_restore" else ""
-                node.add(f"{x['key'][:10]} ← {src} · {x['width']}x{x['height']}{extra}")
-                names[x["key"]] = x["key"][:10]
-        finals = tree.add(f"[bold]finals[/] {len(d['finals'])}")
-        for x in sorted(d["finals"], key=lambda x: x["final"]):
-            finals.add(f"[cyan]{escape(_rel(x['final'], home))}[/] ← {x['key'][:10]} · {x['width']}x{x['height']}")
-        out.print(tree)
+        out.print(_deliverable_tree(name, d, home))
+    if any(x.get("picked") or x.get("rating") for d in data["deliverables"].values() for rd in d.get("rounds", [])
+           for x in rd["candidates"]):
+        out.print("[dim]✓ kept: CLIP's selection · ◆ picked: a person's decision · ★ / ✗: the latest rating[/]")
+    for a in data.get("awaiting", []):
+        how = ("decided: resume it" if a["status"] == "decided"
+               else f"CLIP suggests {','.join(map(str, a['suggestion']))}")
+        out.print(f"[yellow]awaiting review:[/] {escape(a['deliverable'])} · round {a['round']} · "
+                  f"{a['candidates']} candidates · {how} (atelier review {r['id']})", highlight=False)
     summary = Table("deliverable", "drafts", "kept", "finals", "wall s", "device s", "saved", title="summary")
     for name, d in data["deliverables"].items():
         c = d["cost"]
-        summary.add_row(name, str(len(d.get("draft", []))), str(sum(1 for x in d.get("draft", []) if x.get("kept"))),
-                        str(len(d["finals"])), f"{sum(v['seconds'] for v in d['stages'].values()):.1f}",
-                        f"{c['total_s']:.1f}",
+        rounds = d.get("rounds") or []
+        kept = len(rounds[-1]["goes_on"]) if rounds else sum(1 for x in d.get("draft", []) if x.get("kept"))
+        summary.add_row(name, str(len(d.get("draft", []))) + (f" +{len(d.get('vary', []))}" if d.get("vary") else ""),
+                        str(kept), str(len(d["finals"])) if not d.get("awaiting") else "awaiting",
+                        f"{sum(v['seconds'] for v in d['stages'].values()):.1f}", f"{c['total_s']:.1f}",
                         f"{c['savings_vs_full_quality']:+.0%}" if c["savings_vs_full_quality"] is not None else "")
     out.print(summary)
     out.print("[dim]saved: device time vs refining every draft at full quality[/]")
@@ -117,6 +90,107 @@ def _print_report(data: dict, home: Path) -> None:
     for stage, v in data["stages"].items():
         table.add_row(stage, str(v["assets"]), str(v["computed"]), str(v["reused"]), f"{v['seconds']:.2f}")
     out.print(table)
+
+
+def _stars(rating: dict | None) -> str:
+    """A rating's marks: ★★★★☆ and / or ✗ rejected (empty without a rating)."""
+    if not rating:
+        return ""
+    text = ("★" * rating["stars"] + "☆" * (5 - rating["stars"])) if rating.get("stars") else ""
+    return " ".join(x for x in (f"[yellow]{text}[/]" if text else "", "[red]✗ rejected[/]" if rating.get("rejected")
+                                else "") if x)
+
+
+def _deliverable_tree(name: str, d: dict, home: Path) -> Tree:
+    from atelier.report import candidate_names
+
+    wall = sum(v["seconds"] for v in d["stages"].values())
+    tree = Tree(f"[bold]{escape(name)}[/] · {wall:.1f} s wall · {d['cost']['total_s']:.1f} s device", guide_style="dim")
+    refs = ", ".join(Path(str(x["source"])).name for x in d["moodboard"])
+    tree.add(f"mood board · {len(d['moodboard'])} refs: {escape(refs)}")
+    per_stage_cost = d["cost"]["per_stage_s"]
+    rounds = d.get("rounds") or []
+    multi = len(rounds) > 1 or any(x["gate"] for x in rounds)
+    names = candidate_names(d)  # key -> how a line names it: #2 (a draft), r1.3 (round 1's third candidate)
+
+    def line(label: str, count: str, seconds: float, cost: float, reused: int = 0) -> str:
+        return f"[bold]{label}[/] {count} · {seconds:.1f} s · cost {cost:.1f} s" + (f" · {reused} reused" if reused else "")
+
+    for rd in rounds:
+        n, suffix = rd["round"], f" r{rd['round']}" if multi else ""
+        cands = rd["candidates"]
+        if n == 0:
+            st = d["stages"].get("draft", {})
+            node = tree.add(line("drafts", str(len(cands)), rd["seconds"].get("draft", st.get("seconds", 0)),
+                                 rd["cost_s"]["draft"], st.get("reused", 0)))
+        else:
+            node = tree.add(line(f"variations r{n}", f"· {len(cands)} · strength {rd['strength']}",
+                                 rd["seconds"].get("vary", 0), rd["cost_s"]["vary"]))
+        for x in cands:
+            score = (f" · prompt {x['prompt_score']:+.3f} · mood {x['moodboard_score']:+.3f}" if "total" in x else "")
+            src = names.get(x.get("from"), (x.get("from") or "")[:10])
+            head = f"#{x['index']}" if n == 0 else f"{names[x['key']]} ← {src} ·"
+            node.add(f"{head} seed {x['seed']}{score}{_marks(x)}")
+        sel = d["stages"].get("select", {})
+        sel_seconds = (rd["seconds"].get("select", sel.get("seconds", 0) if not multi else 0)
+                       + rd["seconds"].get("pick", 0))
+        clip = "CLIP suggested" if rd["gate"] else "CLIP kept"
+        node = tree.add(line(f"selection{suffix}", f"· {clip} {len(rd['clip_kept'])} of {len(cands)}" if multi
+                             else str(len(rd["clip_kept"])),
+                             sel_seconds, rd["cost_s"]["select"] + rd["cost_s"]["pick"],
+                             0 if multi else sel.get("reused", 0)))
+        gate, review = rd["gate"], rd["review"]
+        if review and (rd["picks"] or (gate and gate["status"] == "decided")):
+            kept = ", ".join(names.get(k, k[:10]) for k in review["kept"])
+            rej = f" · rejected {', '.join(names.get(k, k[:10]) for k in review['rejected'])}" if review["rejected"] else ""
+            note = f": {escape(review['note'])}" if review["note"] else ""
+            state = "" if rd["picks"] else " [yellow](resume to go on)[/]"
+            node.add(f"[magenta]◆ {escape(review['by'])} kept {kept}[/]{rej}{note}{state}")
+        if gate and gate["status"] == "awaiting":
+            node.add("[yellow]awaiting a person's decision[/]")
+    # Each chain in the order of what the last selection kept (the person's order, else CLIP's rank).
+    last = rounds[-1] if rounds else None
+    going = ([p["key"] for p in last["picks"]] or [x["key"] for x in sorted(
+        (x for x in d.get("select", []) if (x.get("round") or 0) == last["round"]), key=lambda x: x.get("rank") or 99)]
+             ) if last else []
+    rank = {k: i for i, k in enumerate(going)}
+    for stage in ("refine", "inpaint", "face_restore", "upscale"):
+        for x in d.get(stage, []):
+            rank[x["key"]] = rank.get(x.get("from"), 99)
+    for stage in ("refine", "inpaint", "face_restore", "upscale"):
+        if stage not in d:
+            continue
+        st = d["stages"].get(stage, {})
+        node = tree.add(line(stage, str(len(d[stage])), st.get("seconds", 0), per_stage_cost.get(stage, 0),
+                             st.get("reused", 0)))
+        for x in sorted(d[stage], key=lambda x: (rank.get(x["key"], 99), x["key"])):
+            src = names.get(x.get("from"), (x.get("from") or "")[:10])
+            extra = f" · faces {len(x['faces'])}" if stage == "face_restore" else ""
+            node.add(f"{x['key'][:10]} ← {src} · {x['width']}x{x['height']}{extra}{_marks(x)}")
+            names[x["key"]] = x["key"][:10]
+    if d.get("awaiting"):
+        a = d["awaiting"]
+        tree.add(f"[bold yellow]awaiting review[/] · round {a['round']} · {a['candidates']} candidates · "
+                 + ("decided: resume the run" if a["status"] == "decided"
+                    else f"CLIP suggests {','.join(map(str, a['suggestion']))}"))
+        return tree
+    finals = tree.add(f"[bold]finals[/] {len(d['finals'])}")
+    for x in sorted(d["finals"], key=lambda x: x["final"]):
+        finals.add(f"[cyan]{escape(_rel(x['final'], home))}[/] ← {x['key'][:10]} · {x['width']}x{x['height']}"
+                   f"{_marks({'rating': x.get('rating')})}")
+    return tree
+
+
+def _marks(x: dict) -> str:
+    """CLIP's kept mark, the person's pick, and the latest rating of a candidate."""
+    marks = []
+    if x.get("kept"):
+        marks.append(f"[green]✓ kept #{x['rank']}[/]")
+    if x.get("picked"):
+        marks.append(f"[magenta]◆ picked #{x['picked']} by {escape(str(x.get('picked_by')))}[/]")
+    if stars := _stars(x.get("rating")):
+        marks.append(stars)
+    return (" " + " ".join(marks)) if marks else ""
 
 
 def _rel(path: str, home: Path) -> str:
@@ -146,7 +220,7 @@ def lineage(ref: str = typer.Argument(..., help="asset key (or a unique prefix) 
     A file with C2PA content credentials also shows them, validated.
     """
     from atelier import metadata
-    from atelier.report import annotate_changes, lineage_dict
+    from atelier.report import annotate_changes, annotate_rounds, lineage_dict, rating_dict, tree_keys
     from atelier.settings import home_dir
     from store import open_store, queries
 
@@ -154,6 +228,7 @@ def lineage(ref: str = typer.Argument(..., help="asset key (or a unique prefix) 
     h, path = home_dir(home), Path(ref)
     has_store = bool(store_url) or (h / "lineage.db").exists()
     data, origin, carrier, where = None, "store", None, store_url or str(h / "lineage.db")
+    ratings: dict[str, dict] = {}
     found = metadata.read_embedded(path) if path.is_file() else None
     if has_store:
         st = open_store(h, store_url)
@@ -164,6 +239,7 @@ def lineage(ref: str = typer.Argument(..., help="asset key (or a unique prefix) 
                 asset = queries.find_asset(s, found.doc["key"])  # the delivered copy of a stored asset
             if asset is not None:
                 data = lineage_dict(queries.ancestry(s, asset.key))
+                ratings = {k: rating_dict(r) for k, r in queries.latest_ratings(s, tree_keys(data)).items()}
     # 2. Else the lineage the file carries (a copy elsewhere, a JPEG / WebP delivery, no store at all).
     if data is None and found is not None:
         data, origin, carrier = metadata.lineage_tree(found.doc), "embedded metadata", found.carrier
@@ -175,6 +251,7 @@ def lineage(ref: str = typer.Argument(..., help="asset key (or a unique prefix) 
         _fail(f"{ref}: no asset with this file content in {where}, and {none_carried}" if has_store
               else f"{ref}: {none_carried}, and there is no lineage store at {where}")
     annotate_changes(data)
+    annotate_rounds(data, ratings)
     creds = _credentials(path) if path.is_file() else None
     if as_json:
         return _print_json({**data, "from": origin, **({"carrier": carrier} if carrier else {}),
@@ -200,14 +277,18 @@ def _lineage_tree(parent: Tree | None, node: dict, seen: set[str] | None = None)
     else:
         seen.add(node["key"])
         changed = []
+        shown = {"size", "model"} | ({"round", "strength"} if "variation" in node else set())  # on the line already
         for k, (before, after) in node.get("changed", {}).items():
-            if k == "size" or k == "model":
-                continue  # on the line already
+            if k in shown:
+                continue
             changed.append(f"{k} {_short(before)}→{_short(after)}" if before is not None else f"{k}={_short(after)}")
         model = node.get("changed", {}).get("model")
         label = (head + (f" {node['width']}x{node['height']}" if node["width"] else "")
+                 + (f" · [magenta]{escape(node['pick']['text'])}[/]" if "pick" in node else "")
+                 + (f" · {escape(node['variation']['text'])}" if "variation" in node else "")
                  + (f" · {escape(', '.join(changed))}" if changed else "")
-                 + (f" · model {escape(model[1])}" if model else ""))
+                 + (f" · model {escape(model[1])}" if model else "")
+                 + _marks({"rating": node.get("rating")}))
     t = Tree(label, guide_style="dim") if parent is None else parent.add(label)
     if label.endswith("as above[/]"):
         return t

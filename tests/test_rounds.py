@@ -104,6 +104,7 @@ def flow(prefect_server, models_dir, tmp_path_factory) -> dict:
     state["run_id"] = run_id
     state["status"] = [run_info(home, run_id).status]
     state["gates0"] = gates_json(home, run_id)
+    state["runs_awaiting"] = json.loads(cli("runs", "--awaiting", "--home", h, "--json"))
     # round 0: keep 3 then 1 (not CLIP's order), reject 2, star 3
     state["outputs"]["review0"] = cli("review", run_id, "--home", h, "--keep", "3,1", "--reject", "2", "--star", "3=5",
                                       "--note", "the brick reads best", "--by", "ana", "--resume")
@@ -120,6 +121,8 @@ def test_a_run_stops_at_the_gate_and_says_how_to_go_on(flow) -> None:
     home, run_id = flow["home"], flow["run_id"]
     assert "awaits review" in flow["outputs"]["run"] and f"atelier review {run_id}" in flow["outputs"]["run"]
     assert flow["status"] == ["awaiting review", "awaiting review", "completed"]
+    [waiting] = flow["runs_awaiting"]
+    assert waiting["id"] == run_id and waiting["awaiting"] == [{"deliverable": "hero", "round": 0, "candidates": 4}]
     [g0] = flow["gates0"]
     assert (g0["deliverable"], g0["round"], len(g0["candidates"])) == ("hero", 0, 4)
     assert sorted(g0["suggestion"]) == sorted(c["number"] for c in g0["candidates"] if c["clip_kept"])

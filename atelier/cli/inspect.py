@@ -14,16 +14,33 @@ from atelier.cli.common import HomeOpt, JsonOpt, StoreOpt, _fail, _open, _print_
 
 
 @app.command()
-def runs(home: Optional[Path] = HomeOpt, store_url: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
+def runs(home: Optional[Path] = HomeOpt, store_url: Optional[str] = StoreOpt, as_json: bool = JsonOpt,
+         awaiting: bool = typer.Option(False, "--awaiting", help="only runs that await a person's review, with what "
+                                                                 "they wait for")) -> None:
     """List runs, newest first."""
     from atelier.report import run_dict
-    from store import queries
+    from store import lineage, queries
 
     st = _open(home, store_url)
     with st.sessions() as s:
-        rows = [run_dict(r) for r in queries.runs(s)]
+        rows = [run_dict(r) for r in queries.runs(s) if not awaiting or r.status == lineage.AWAITING]
+        if awaiting:
+            for r in rows:
+                r["awaiting"] = [{"deliverable": g.deliverable, "round": g.round, "candidates": len(g.candidates)}
+                                 for g in lineage.pending_gates(s, r["id"])]
     if as_json:
         return _print_json(rows)
+    if awaiting:
+        if not rows:
+            out.print("no run awaits review")
+            return
+        table = Table("run", "campaign", "started (UTC)", "awaits review for")
+        for r in rows:
+            table.add_row(r["id"], r["campaign"], r["started_at"], ", ".join(
+                f"{g['deliverable']} (round {g['round']}, {g['candidates']} candidates)" for g in r["awaiting"])
+                or "decided: resume it")
+        out.print(table)
+        return
     table = Table("run", "campaign", "profile", "status", "started (UTC)", "seconds")
     for r in rows:
         table.add_row(r["id"], r["campaign"], r["profile"], r["status"], r["started_at"],

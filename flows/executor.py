@@ -53,6 +53,11 @@ def to_compute(ctx: RunContext, stage: str, keys: list[str]) -> set[str]:
 
 # ------------------------------------------------------------------------- model calls and retries
 def is_oom(exc: BaseException) -> bool:
+    """CUDA out-of-memory in this process (a remote backend's error text may mention it too: not ours)."""
+    from atelier.backends.common import BackendError
+
+    if isinstance(exc, BackendError):
+        return False
     return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
 
 
@@ -78,6 +83,10 @@ def model_call(ctx: RunContext, deliverable: str | None, stage: Stage, req: Any,
             return stage.run(req, ctx.models)
         return stage.run(req, ctx.models, on_progress=on_progress)
     except Exception as exc:
+        from atelier.backends.common import BackendError
+
+        if isinstance(exc, BackendError):  # retried inside the backend already; name the deliverable
+            raise exc.for_context(f"deliverable {deliverable or 'campaign'}") from None
         if is_oom(exc):
             if stage.batch_field:
                 ctx.batch_caps[cap_key] = max(1, getattr(req, stage.batch_field) // 2)

@@ -2,6 +2,10 @@
 
 Each image gets its own seeded generator, so draft i is reproducible from its seed alone whatever
 the batch size (which is why ``batch_size`` is not part of a draft's key).
+
+A ``remote`` model (``atelier.backends``: a hosted API, a ComfyUI server) makes one request per draft
+instead, ``batch_size`` of them in flight; each output records what the backend was sent and answered
+(``facts["remote"]``: backend, model, version, request id, params sent, determinism, dollars).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ def check_inputs(req: DraftRequest) -> None:
         raise ValueError(f"{len(req.seeds)} seeds but {len(req.indices)} indices")
     if not 1 <= req.steps <= 50:
         raise ValueError(f"draft steps must be 1..50, got {req.steps}")
+    if req.model.kind == "remote":
+        return  # the backend sends the size it supports nearest to the one asked for
     multiple = 16 if req.model.family == "flux" else 8  # FLUX: VAE factor 8 x 2x2 latent patches
     if req.width % multiple or req.height % multiple:
         raise ValueError(f"width and height must be multiples of {multiple}, got {req.width}x{req.height}")
@@ -47,6 +53,8 @@ def check_inputs(req: DraftRequest) -> None:
 def generate_drafts(req: DraftRequest, models: Models, on_progress: Progress | None = None) -> list[Output]:
     # 1. Check inputs
     check_inputs(req)
+    if req.model.kind == "remote":
+        return _remote_drafts(req, on_progress)
     # 2. Get the shared pipeline with the requested scheduler (no IP-Adapter for drafts)
     pipe = models.pipeline(req.model, "txt2img", req.scheduler, ip_adapter=None)
     dev = device()
@@ -66,6 +74,15 @@ def generate_drafts(req: DraftRequest, models: Models, on_progress: Progress | N
         if on_progress:
             on_progress(len(out), len(req.seeds))
     return out
+
+
+def _remote_drafts(req: DraftRequest, on_progress: Progress | None) -> list[Output]:
+    """One request per seed to the remote backend; steps, guidance and scheduler are the backend's own."""
+    from atelier import backends
+
+    made = backends.generate_items(req.model, req.prompt, req.negative, req.width, req.height, req.seeds,
+                                   concurrency=req.batch_size, context="draft", on_progress=on_progress)
+    return [Output(m.image(), {"remote": m.facts}) for m in made]
 
 
 STAGE = Stage("draft", STAGE_VERSION, generate_drafts, batch_field="batch_size")

@@ -3,11 +3,17 @@
 The draft is resized to the refine resolution and used as the init image (``strength`` decides how
 much is regenerated); the mood board's style references condition every image through IP-Adapter.
 The img2img pipeline shares the base pipeline's modules via ``from_pipe``.
+
+A ``remote`` model (``atelier.backends``) gets one request per kept draft (the draft as its init image at
+the refine size, the seed, the strength where the API takes one), ``batch_size`` in flight. Hosted APIs
+have no IP-Adapter: when the ``ip_adapter`` role is remote too, the style references are sent as extra
+input images where the API takes them (OpenAI image edits); each output records what was sent.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image
 
@@ -46,6 +52,8 @@ def check_inputs(req: RefineRequest) -> None:
         raise ValueError("refine needs at least one style reference for IP-Adapter")
     if not 0 < req.strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {req.strength}")
+    if req.model.kind != "remote" and req.ip_adapter.kind == "remote":
+        raise ValueError(f"a local refine model cannot use the remote style-reference role {req.ip_adapter.source}")
     if req.model.family == "flux" and (req.width % 16 or req.height % 16):
         raise ValueError(f"FLUX needs width and height in multiples of 16, got {req.width}x{req.height}")
 
@@ -53,6 +61,8 @@ def check_inputs(req: RefineRequest) -> None:
 def refine(req: RefineRequest, models: Models, on_progress: Progress | None = None) -> list[Output]:
     # 1. Check inputs
     check_inputs(req)
+    if req.model.kind == "remote":
+        return _remote_refine(req, on_progress)
     # 2. Pipeline with IP-Adapter on the shared UNet
     pipe = models.pipeline(req.model, "img2img", req.scheduler, ip_adapter=req.ip_adapter)
     pipe.set_ip_adapter_scale(req.ip_adapter_scale)
@@ -79,6 +89,30 @@ def refine(req: RefineRequest, models: Models, on_progress: Progress | None = No
         if on_progress:
             on_progress(len(out), len(pairs))
     return out
+
+
+def _remote_refine(req: RefineRequest, on_progress: Progress | None) -> list[Output]:
+    """One image-to-image request per kept draft, resized to the refine size and sent as PNG."""
+    import io
+
+    from atelier import backends
+
+    def png(path: Path, size: tuple[int, int] | None) -> bytes:
+        im = load_rgb(path)
+        if size:
+            im = im.resize(size, Image.Resampling.LANCZOS)
+        else:
+            im.thumbnail((1024, 1024), Image.Resampling.LANCZOS)  # a reference's style survives; megabytes need not
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        return buf.getvalue()
+
+    inits = tuple(png(i.path, (req.width, req.height)) for i in req.inits)
+    refs = tuple(png(r.path, None) for r in req.style_refs) if req.ip_adapter.kind == "remote" else ()
+    made = backends.generate_items(req.model, req.prompt, req.negative, req.width, req.height, req.seeds, inits=inits,
+                                   strength=req.strength, references=refs, concurrency=req.batch_size,
+                                   context="refine", on_progress=on_progress)
+    return [Output(m.image(), {"remote": m.facts}) for m in made]
 
 
 STAGE = Stage("refine", STAGE_VERSION, refine, batch_field="batch_size")

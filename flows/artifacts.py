@@ -52,10 +52,13 @@ def publish_deliverable(st: Store, run_id: str, campaign: str, deliverable: str)
 
 def publish_run(st: Store, run_id: str, campaign: str) -> Path:
     """Write the run's HTML contact sheet into the home and link it; returns its path."""
+    from store import lineage
     from store.schema import Run
 
     with st.sessions() as s:
         data = sheet_data(s, s.get(Run, run_id))
+        # written as the run's last step, just before its end is recorded: show the status it ends with
+        data["run"]["status"] = lineage.AWAITING if lineage.pending_gates(s, run_id) else "completed"
     sheet = write_page(render_html(data, st.files.path, thumbs_dir(st.home)), st.home / "reports" / f"{run_id}.html")
     create_link_artifact(sheet.resolve().as_uri(), link_text=sheet.name, key=_key(campaign, "contact-sheet"),
                          description=f"run {run_id}: the HTML contact sheet (self-contained)")

@@ -222,6 +222,12 @@ class Deliverable(_Strict):
         return int(w), int(h)
 
 
+class Budget(_Strict):
+    """``budget: {usd: 20}``: what one run may spend on hosted backends (see ``flows.tasks._budget``)."""
+
+    usd: float = Field(gt=0, le=1_000_000, allow_inf_nan=False)
+
+
 class Brief(_Strict):
     campaign: Name
     profile: str = "tiny"
@@ -232,11 +238,19 @@ class Brief(_Strict):
     stages: Stages = Stages()  # optional per-stage overrides of the profile (steps, guidance, LoRAs...)
     rounds: tuple[Round, ...] = Field(default=(), max_length=MAX_ROUNDS)  # default rounds of every deliverable
     review: ReviewWhen | Literal[False] = False  # default review gate of every deliverable
+    budget: Budget | None = None  # dollars a run may spend on hosted backends; None: no limit
 
     @field_validator("review", mode="before")
     @classmethod
     def _review(cls, value: Any):
         return _review_value(value)
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, value: Any):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"expected a mapping like {{usd: 20}} (US dollars a run may spend), got {value!r}")
+        return value
 
     def rounds_of(self, d: Deliverable) -> tuple[Round, ...]:
         return self.rounds if d.rounds is None else d.rounds

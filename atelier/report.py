@@ -56,10 +56,31 @@ def review_dict(r: Review) -> dict:
             "kept": list(r.kept), "rejected": list(r.rejected), "stars": dict(r.stars or {})}
 
 
+def run_dollars(members: list[tuple[Any, Asset]]) -> dict | None:
+    """What a run's hosted-backend requests cost (``atelier.backends.costs.summarize`` over its assets), with
+    ``price_tables`` (backend:model -> the date its price table was taken); None when no asset is remote."""
+    from atelier.backends import costs
+
+    rows = [costs.CostRow(a.key, a.stage, a.deliverable, a.params or {}, ra.status == "computed") for ra, a in members]
+    tables = {}
+    for row in rows:
+        facts = row.params.get("remote")
+        if isinstance(facts, dict):
+            tables[f"{facts.get('backend')}:{facts.get('model')}"] = facts.get("price_table") or None
+    if not tables:
+        return None
+    return {**costs.summarize(rows), "price_tables": dict(sorted(tables.items()))}
+
+
 def run_report(session: Session, run: Run) -> dict:
     """Per stage: assets and seconds; per deliverable: drafts with scores, kept, refined, post-edit, finals,
-    and its ``rounds`` (see ``_rounds``); ``awaiting``: the review gates the run stopped at."""
+    and its ``rounds`` (see ``_rounds``); ``awaiting``: the review gates the run stopped at. ``dollars``: what
+    its hosted-backend requests cost (``run_dollars``; None without remote assets); each remote asset's item
+    has its ``usd`` (None: no price table) and ``usd_this_run`` ($0 when reused)."""
     members = queries.run_assets(session, run.id)
+    dollars = run_dollars(members)
+    per_asset = dollars.pop("per_asset") if dollars else {}
+    paid = {a.key for ra, a in members if ra.status == "computed"}
     # Counts come from run membership (authoritative); seconds from the stage executions.
     stages: dict[str, dict] = {}
     for ra, a in sorted(members, key=lambda m: STAGE_ORDER.index(m[1].stage) if m[1].stage in STAGE_ORDER else 99):
@@ -129,6 +150,9 @@ def run_report(session: Session, run: Run) -> dict:
                         review=p.get("review"), reviewed_at=p.get("reviewed_at"), decision=p.get("gate"))
         if a.stage == "face_restore":
             item["faces"] = p.get("faces", [])
+        if a.key in per_asset:  # what its request cost, and what it cost this run ($0: reused)
+            item["usd"] = per_asset[a.key]
+            item["usd_this_run"] = per_asset[a.key] if a.key in paid else 0.0
         if a.key in ratings:
             item["rating"] = rating_dict(ratings[a.key])
         if a.key in finals:
@@ -161,7 +185,8 @@ def run_report(session: Session, run: Run) -> dict:
         if d["awaiting"]:
             awaiting.append(d["awaiting"])
     return {"run": run_dict(run), "stages": stages, "deliverables": dict(per_deliverable),
-            "finals": sorted(finals.values()), "device": (run.info or {}).get("device"), "awaiting": awaiting}
+            "finals": sorted(finals.values()), "device": (run.info or {}).get("device"), "awaiting": awaiting,
+            "dollars": dollars}
 
 
 def candidate_names(d: dict) -> dict[str, str]:

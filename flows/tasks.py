@@ -30,8 +30,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from atelier import credentials, metadata
+from atelier.backends import costs
 from atelier.brief import Campaign, Deliverable, fit_to_area
 from atelier.keys import asset_key, derive_seed
+from atelier.profiles import ModelSpec
 from flows.context import RunContext
 from flows.executor import Ref, StageTimer, finish_reused, is_transient, model_call, refs, run_stage, to_compute
 from stages import draft as draft_stage
@@ -86,6 +88,20 @@ def _seed_of(ctx: RunContext, key: str) -> int:
                 return int(node["asset"].params["seed"])
             node = next((p for p in node["parents"] if p["role"] in ("source", "init")), node["parents"][0])
         return int(node["asset"].params.get("seed", 0))
+
+
+def _budget(ctx: RunContext, campaign: Campaign, model: ModelSpec) -> costs.Budget | None:
+    """The brief's ``budget`` for a stage calling a remote ``model``, less what this run has already spent:
+    the dollars of the remote assets it computed (in any pass of it, resumed or not; reused assets cost $0).
+    The limit is per run: ``atelier run`` again after a budget stop pays only for what is still missing.
+    Read from the store when the stage starts, so a Dask run's deliverables in flight at once may each
+    reserve against the same remainder (their sum can pass the limit by one stage's estimate)."""
+    if campaign.brief.budget is None or model.kind != "remote":
+        return None
+    with ctx.store.sessions() as s:
+        rows = [costs.CostRow(a.key, a.stage, a.deliverable, a.params or {}, ra.status == "computed")
+                for ra, a in queries.run_assets(s, ctx.run_id)]
+    return costs.Budget(campaign.brief.budget.usd, costs.summarize(rows)["usd"])
 
 
 # ---------------------------------------------------------------------------------------- mood board
@@ -144,7 +160,7 @@ def draft_task(ctx: RunContext, campaign: Campaign, name: str) -> list[Ref]:
         prompt=d.prompt, negative=_negative(campaign, d), width=w, height=h, steps=s.steps, guidance=s.guidance,
         scheduler=s.scheduler, model=ctx.prof.draft_model,
         seeds=tuple(derive_seed(campaign.brief.seed, d.name, "draft", i) for i in range(d.drafts)),
-        indices=tuple(range(d.drafts)), batch_size=s.batch_size)
+        indices=tuple(range(d.drafts)), batch_size=s.batch_size, budget=_budget(ctx, campaign, ctx.prof.draft_model))
     return run_stage(ctx, draft_stage.STAGE, req, campaign.brief.campaign, name)
 
 
@@ -277,7 +293,8 @@ def vary_task(ctx: RunContext, campaign: Campaign, name: str, round_no: int, kep
         prompt=d.prompt_at(rounds, round_no), negative=_negative(campaign, d), width=w, height=h,
         steps=max(s.steps, math.ceil(1 / r.strength)), guidance=s.guidance, strength=r.strength,
         scheduler=s.scheduler, round=round_no, model=ctx.prof.draft_model, inits=_inputs(inits), seeds=seeds,
-        variations=tuple(j for _ in kept for j in range(r.drafts)), batch_size=s.batch_size)
+        variations=tuple(j for _ in kept for j in range(r.drafts)), batch_size=s.batch_size,
+        budget=_budget(ctx, campaign, ctx.prof.draft_model))
     return run_stage(ctx, vary_stage.STAGE, req, campaign.brief.campaign, name)
 
 
@@ -295,7 +312,8 @@ def refine_task(ctx: RunContext, campaign: Campaign, name: str, kept: list[Ref] 
         prompt=d.prompt_at(rounds, len(rounds)), negative=_negative(campaign, d), width=w, height=h, steps=s.steps,
         guidance=s.guidance, strength=s.strength, scheduler=s.scheduler, ip_adapter_scale=prof.ip_adapter_scale,
         model=prof.refine_model, ip_adapter=prof.ip_adapter, style_refs=_inputs(board.style_refs), inits=_inputs(kept),
-        seeds=tuple(_seed_of(ctx, r.key) for r in kept), batch_size=s.batch_size)
+        seeds=tuple(_seed_of(ctx, r.key) for r in kept), batch_size=s.batch_size,
+        budget=_budget(ctx, campaign, prof.refine_model))
     return run_stage(ctx, refine_stage.STAGE, req, campaign.brief.campaign, name)
 
 

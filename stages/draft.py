@@ -11,6 +11,7 @@ instead, ``batch_size`` of them in flight; each output records what the backend 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from atelier.models import Models, device
 from atelier.profiles import ModelSpec
@@ -34,6 +35,7 @@ class DraftRequest:
     seeds: tuple[int, ...] = per_item("seed")
     indices: tuple[int, ...] = per_item("index")  # position in the deliverable's seed sweep
     batch_size: int = runtime(4)
+    budget: Any = runtime(None)  # a remote model's spending limit (``atelier.backends.costs.Budget``)
 
 
 def check_inputs(req: DraftRequest) -> None:
@@ -81,7 +83,8 @@ def _remote_drafts(req: DraftRequest, on_progress: Progress | None) -> list[Outp
     from atelier import backends
 
     made = backends.generate_items(req.model, req.prompt, req.negative, req.width, req.height, req.seeds,
-                                   concurrency=req.batch_size, context="draft", on_progress=on_progress)
+                                   concurrency=req.batch_size, context="draft", budget=req.budget,
+                                   on_progress=on_progress)
     return [Output(m.image(), {"remote": m.facts}) for m in made]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -43,6 +44,7 @@ class RefineRequest:
     inits: tuple[Input, ...] = per_item("init", role="init")  # kept drafts
     seeds: tuple[int, ...] = per_item("seed")  # one per init
     batch_size: int = runtime(2)
+    budget: Any = runtime(None)  # a remote model's spending limit (``atelier.backends.costs.Budget``)
 
 
 def check_inputs(req: RefineRequest) -> None:
@@ -111,7 +113,7 @@ def _remote_refine(req: RefineRequest, on_progress: Progress | None) -> list[Out
     refs = tuple(png(r.path, None) for r in req.style_refs) if req.ip_adapter.kind == "remote" else ()
     made = backends.generate_items(req.model, req.prompt, req.negative, req.width, req.height, req.seeds, inits=inits,
                                    strength=req.strength, references=refs, concurrency=req.batch_size,
-                                   context="refine", on_progress=on_progress)
+                                   context="refine", budget=req.budget, on_progress=on_progress)
     return [Output(m.image(), {"remote": m.facts}) for m in made]
 
 

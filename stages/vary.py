@@ -4,11 +4,16 @@ A round after the first selection varies what the round before kept: ``subtle`` 
 layout and redraws details, ``strong`` (0.85) keeps little more than the palette and rough composition.
 Variations are drafts: same draft model, resolution and step count (img2img runs ``steps x strength`` of
 them); each is a child of the image it varies (role ``init``) and records its round.
+
+A ``remote`` draft model (``atelier.backends``) gets one image-to-image request per variation (the kept image
+at the draft size as its init, the seed, the strength where the API takes one), ``batch_size`` in flight, as
+drafts do; each output records what was sent (``facts["remote"]``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image
 
@@ -37,6 +42,7 @@ class VaryRequest:
     seeds: tuple[int, ...] = per_item("seed")
     variations: tuple[int, ...] = per_item("variation")  # j-th variation of its init
     batch_size: int = runtime(4)
+    budget: Any = runtime(None)  # a remote model's spending limit (``atelier.backends.costs.Budget``)
 
 
 def check_inputs(req: VaryRequest) -> None:
@@ -55,6 +61,8 @@ def check_inputs(req: VaryRequest) -> None:
 def vary(req: VaryRequest, models: Models, on_progress: Progress | None = None) -> list[Output]:
     # 1. Check inputs
     check_inputs(req)
+    if req.model.kind == "remote":
+        return _remote_vary(req, on_progress)
     # 2. The draft model's img2img pipeline (shared modules; no IP-Adapter, like drafts)
     pipe = models.pipeline(req.model, "img2img", req.scheduler, ip_adapter=None)
     dev = device()
@@ -76,6 +84,25 @@ def vary(req: VaryRequest, models: Models, on_progress: Progress | None = None) 
         if on_progress:
             on_progress(len(out), len(items))
     return out
+
+
+def _remote_vary(req: VaryRequest, on_progress: Progress | None) -> list[Output]:
+    """One image-to-image request per variation, its init resized to the draft size and sent as PNG."""
+    import io
+
+    from atelier import backends
+
+    pngs: dict[str, bytes] = {}  # each kept image is varied several times: encode it once
+    for i in req.inits:
+        if i.key not in pngs:
+            buf = io.BytesIO()
+            load_rgb(i.path).resize((req.width, req.height), Image.Resampling.LANCZOS).save(buf, "PNG")
+            pngs[i.key] = buf.getvalue()
+    made = backends.generate_items(req.model, req.prompt, req.negative, req.width, req.height, req.seeds,
+                                   inits=tuple(pngs[i.key] for i in req.inits), strength=req.strength,
+                                   concurrency=req.batch_size, context=f"vary r{req.round}", budget=req.budget,
+                                   on_progress=on_progress)
+    return [Output(m.image(), {"remote": m.facts}) for m in made]
 
 
 STAGE = Stage("vary", STAGE_VERSION, vary, batch_field="batch_size")

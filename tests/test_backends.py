@@ -523,15 +523,25 @@ def test_costs_count_only_what_the_run_made_and_the_saving_of_cheap_drafts():
 
 
 def test_a_budget_stops_before_the_request_that_would_exceed_it(monkeypatch, replicate_server):
-    from atelier.backends.costs import Budget
+    from atelier.backends.costs import Budget, money
     from atelier.profiles import ModelSpec
 
     monkeypatch.setenv("REPLICATE_BASE_URL", replicate_server.url)
     spec = ModelSpec("flux", "remote", "replicate:black-forest-labs/flux-schnell", options=(("poll_interval", 0.05),))
     budget = Budget(0.0065)  # two drafts at $0.003, not three
-    with pytest.raises(B.BackendError, match=r"stopped before the request: budget \$0.01: \$0.01 spent") as err:
-        B.generate_items(spec, "a boat", "", 512, 512, (1, 2, 3), concurrency=1, budget=budget, context="draft")
-    assert err.value.kind == "budget" and "draft seed 3" in str(err.value)
+    with pytest.raises(B.BackendError, match=r"stopped before the request: budget \$0.0065: \$0 spent, the next 3 "
+                                             r"requests \(~\$0.009\) would exceed it") as err:
+        B.generate_items(spec, "a boat", "", 512, 512, (1, 2, 3), concurrency=2, budget=budget, context="draft")
+    assert err.value.kind == "budget" and "for draft" in str(err.value)
+    assert len(replicate_server.api_requests()) == 0  # all or nothing: not one was sent
+    assert len(B.generate_items(spec, "a boat", "", 512, 512, (1, 2), concurrency=2, budget=budget)) == 2
+    assert budget.spent_usd == pytest.approx(0.006)
+    with pytest.raises(B.BackendError, match=r"\$0.006 spent, the next request \(~\$0.003\)"):
+        B.generate_items(spec, "a boat", "", 512, 512, (3,), budget=budget)
     assert len(replicate_server.api_requests()) == 2  # the third was never sent
+    assert [money(x) for x in (0, 0.003, 0.05, 0.5, 20, None)] == ["$0", "$0.003", "$0.05", "$0.50", "$20.00", "?"]
+    import pickle
+
+    assert pickle.loads(pickle.dumps(budget)).spent_usd == budget.spent_usd
     with pytest.raises(B.BackendError, match="no price table"):
         Budget(10).reserve(None, "replicate:someone/unknown")

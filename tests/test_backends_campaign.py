@@ -150,3 +150,84 @@ def test_local_drafts_with_hosted_refine(prefect_server, tmp_path, monkeypatch):
         refines = [a for a in assets if a.stage == "refine"]
         assert len(drafts) == 5 and all("remote" not in a.params and a.model["kind"] == "diffusers" for a in drafts)
         assert len(refines) == 3 and all(a.params["remote"]["backend"] == "openai" for a in refines)
+
+
+def _report(home: Path, run_id: str | None = None) -> dict:
+    import json
+
+    res = CliRunner().invoke(app, ["report", *([run_id] if run_id else []), "--home", str(home), "--json"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.output)
+
+
+def test_the_report_shows_dollars_and_a_rerun_costs_nothing(hosted_run):
+    with open_store(hosted_run["home"]).sessions() as s:
+        assets = s.scalars(select(Asset).where(Asset.campaign == "hosted-e2e")).all()
+    usd = {a.key: a.params["remote"]["usd"] for a in assets if "remote" in (a.params or {})}
+    by_stage = {st: sum(a.params["remote"]["usd"] for a in assets if a.stage == st) for st in ("draft", "refine")}
+    from store import queries
+
+    with open_store(hosted_run["home"]).sessions() as s:
+        first, second = sorted(queries.runs(s), key=lambda r: r.started_at)[-2:]
+    cold, warm = _report(hosted_run["home"], first.id), _report(hosted_run["home"], second.id)
+    dol = cold["dollars"]
+    assert dol["usd"] == pytest.approx(sum(usd.values())) and dol["saved_by_reuse"] == 0
+    assert dol["by_stage"] == {k: pytest.approx(v) for k, v in by_stage.items()}
+    assert dol["by_deliverable"]["hero"] == pytest.approx(3 * 0.003 + 2 * 0.063)  # 1536x1024 medium refines
+    assert dol["by_deliverable_stage"]["square"] == {"draft": pytest.approx(0.006), "refine": 0.042}
+    hero = dol["drafting_saving"]["hero"]
+    assert hero["all_at_refine_price"] == pytest.approx(3 * 0.063) and hero["saving"] == pytest.approx(0.054)
+    assert dol["price_tables"] == {"openai:gpt-image-1": "2025-06", "replicate:black-forest-labs/flux-schnell": "2025-06"}
+    assert all(x["usd"] == usd[x["key"]] for x in cold["deliverables"]["hero"]["draft"] + cold["deliverables"]["hero"]["refine"])
+    assert warm["dollars"]["usd"] == 0 and warm["dollars"]["saved_by_reuse"] == pytest.approx(dol["usd"])
+    assert all(x["usd_this_run"] == 0 for x in warm["deliverables"]["hero"]["draft"])
+    text = hosted_run["outputs"][0]  # `atelier run` prints the report
+    assert "dollars" in text and "$0.003" in text and "2025-06" in text and "list prices" in text
+    assert "$0.003, reused: $0" in hosted_run["outputs"][1]
+
+
+BUDGET_BRIEF = BRIEF.replace("seed: 3\n", "seed: 3\nbudget: {usd: %s}\n")
+
+
+def test_a_budget_stops_cleanly_and_a_rerun_with_more_pays_only_for_the_rest(prefect_server, tmp_path, monkeypatch):
+    """Below the first stage's estimate: no request at all. Enough for hero's drafts ($0.009), not its refines
+    ($0.126): the drafts are made and recorded, nothing of the refines. Raised: the rest, with the drafts reused."""
+    from store import queries
+
+    with OpenAIStandIn(OPENAI_KEY) as o, ReplicateStandIn(REPLICATE_KEY) as r:
+        monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
+        monkeypatch.setenv("REPLICATE_API_TOKEN", REPLICATE_KEY)
+        monkeypatch.setenv("OPENAI_BASE_URL", o.url + "/v1")
+        monkeypatch.setenv("REPLICATE_BASE_URL", r.url)
+        folder = with_refs(tmp_path / "brief", ("coffee.jpg",))
+        home = tmp_path / "home"
+        runner = CliRunner()
+
+        def run(usd: str):  # noqa: ANN202
+            brief = write_brief(folder, BUDGET_BRIEF % usd)
+            return runner.invoke(app, ["run", str(brief), "--home", str(home)], env={"COLUMNS": "200"})
+
+        res = run("0.005")
+        assert res.exit_code == 1
+        assert "budget $0.005: $0 spent, the next 3 requests (~$0.009) would exceed it" in " ".join(res.output.split())
+        assert (len(r.api_requests()), len(o.api_requests())) == (0, 0)
+        res = run("0.05")
+        assert res.exit_code == 1 and (len(r.api_requests()), len(o.api_requests())) == (3, 0)
+        with open_store(home).sessions() as s:
+            failed = sorted(queries.runs(s), key=lambda x: x.started_at)[-1]
+            assert failed.status == "failed" and "\n" not in failed.error
+            assert "deliverable hero" in failed.error and "budget $0.05: $0.009 spent, the next 2 requests" in failed.error
+            stages = [a.stage for _, a in queries.run_assets(s, failed.id)]
+            assert stages.count("draft") == 3 and "refine" not in stages
+        res = runner.invoke(app, ["resume", failed.id, "--home", str(home)])  # the same brief: stops again
+        assert res.exit_code == 1 and (len(r.api_requests()), len(o.api_requests())) == (3, 0)
+        write_brief(folder, BUDGET_BRIEF % "1")
+        res = runner.invoke(app, ["resume", failed.id, "--home", str(home)])
+        assert res.exit_code == 2 and "changed since run" in res.output  # a raised budget: run it anew
+        res = run("1")
+        assert res.exit_code == 0, res.output
+        assert (len(r.api_requests()), len(o.api_requests())) == (5, 3)  # hero's drafts were not asked for again
+    dol = _report(home)["dollars"]
+    assert dol["saved_by_reuse"] == pytest.approx(0.009)
+    assert dol["usd"] == pytest.approx(2 * 0.003 + 2 * 0.063 + 0.042)
+    assert dol["by_stage"] == {"draft": pytest.approx(0.006), "refine": pytest.approx(0.168)}

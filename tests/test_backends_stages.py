@@ -12,7 +12,7 @@ import pytest
 from atelier import backends as B
 from atelier.profiles import PROFILES, ModelSpec
 from atelier.sources import available, identity, resolve
-from stages import draft, refine
+from stages import draft, refine, vary
 from stages.protocol import Input, plan
 from tests.standins import ComfyUIStandIn, OpenAIStandIn, ReplicateStandIn, comfy_workflow, png_bytes
 
@@ -79,6 +79,30 @@ def test_remote_refine_sends_the_draft_and_the_style_refs(servers, tmp_path):
     assert len(images) == 3  # the draft, then two style references
     f = outs[0].facts["remote"]
     assert f["params_sent"]["style_references_sent"] == 2 and f["usd"] == 0.011
+
+
+def test_remote_variations_send_each_kept_image_with_the_strength(servers, tmp_path):
+    """A variation round on a remote draft model: one image-to-image request per variation, within a budget."""
+    from atelier.backends.costs import Budget
+
+    inits = []
+    for i in range(2):
+        p = tmp_path / f"kept{i}.png"
+        p.write_bytes(png_bytes(96, 54, f"kept{i}"))
+        inits += [Input(f"kept-key-{i}", p)] * 2
+    req = vary.VaryRequest(prompt="a red bicycle", negative="", width=1024, height=576, steps=4, guidance=0.0,
+                           strength=0.5, scheduler="flow-euler", round=1, model=FLUX, inits=tuple(inits),
+                           seeds=(21, 22, 23, 24), variations=(0, 1, 0, 1), batch_size=2, budget=Budget(0.012))
+    outs = vary.vary(req, models=None)
+    creates = servers["replicate"].api_requests()
+    assert len(outs) == 4 and len(creates) == 4 and req.budget.spent_usd == pytest.approx(0.012)
+    assert all(r.body["input"]["prompt_strength"] == 0.5 and r.body["input"]["image"].startswith("data:image/png;base64,")
+               for r in creates)
+    sent = [o.facts["remote"]["params_sent"] for o in outs]
+    assert [x["input"]["seed"] for x in sent] == [21, 22, 23, 24] and sent[0]["input"]["image"].startswith("<init image, ")
+    with pytest.raises(B.BackendError, match=r"for vary r1: stopped before the request: budget \$0.01"):
+        vary.vary(dataclasses.replace(req, budget=Budget(0.01)), models=None)
+    assert len(servers["replicate"].api_requests()) == 4
 
 
 def test_a_remote_failure_fails_the_stage_with_one_line(servers):

@@ -72,6 +72,12 @@ def test_rounds_and_review(brief_dir: Path) -> None:
     assert last.review_of(d, override=False) == "last" and last.review_of(d, override=True) == "every"
 
 
+def test_budget(brief_dir: Path) -> None:
+    assert load_brief(write_brief(brief_dir, GOOD)).brief.budget is None
+    b = load_brief(write_brief(brief_dir, GOOD.replace("seed: 1234", "seed: 1234\nbudget: {usd: 2.5}"))).brief
+    assert b.budget.usd == 2.5
+
+
 def test_fit_to_area() -> None:
     w, h = fit_to_area(16 / 9, 1024 * 1024, 64)
     assert (w, h) == (1344, 768)
@@ -116,6 +122,12 @@ BAD = [
     ("keep: 2", "keep: 2\n    rounds: [{stars: 3}]", "deliverables[0].rounds[0].stars", "unknown key"),
     ("keep: 2", "keep: 2\n    review: sometimes", "deliverables[0].review", "every"),
     ("seed: 1234", "seed: 1234\nrounds: [{drafts: 1, keep: 3}]", "rounds[0].keep", "(deliverable hero)"),
+    ("seed: 1234", "seed: 1234\nbudget: {usd: 0}", "budget.usd", "greater than 0"),
+    ("seed: 1234", "seed: 1234\nbudget: {usd: -5}", "budget.usd", "greater than 0"),
+    ("seed: 1234", "seed: 1234\nbudget: {usd: lots}", "budget.usd", "valid number"),
+    ("seed: 1234", "seed: 1234\nbudget: {usd: .inf}", "budget.usd", "finite number"),
+    ("seed: 1234", "seed: 1234\nbudget: {usd: 5, eur: 5}", "budget.eur", "unknown key"),
+    ("seed: 1234", "seed: 1234\nbudget: 20", "budget", "expected a mapping like {usd: 20}"),
 ]
 
 

@@ -148,8 +148,9 @@ def generate_items(spec: Any, prompt: str, negative: str, width: int, height: in
                    on_progress: Callable[[int, int], None] | None = None) -> list[RemoteImage]:
     """One image per seed (and init image, for image to image) from the remote model ``spec``, one request
     each, up to ``concurrency`` in flight; in seed order. Any failure fails the call (nothing half-made is
-    returned, so nothing half-made is recorded). ``budget`` (``costs.Budget``) reserves each request's
-    estimate before it is sent."""
+    returned, so nothing half-made is recorded). ``budget`` (``costs.Budget``) reserves the estimates of all
+    the requests before the first is sent: a call that would exceed it sends none (the images a stopped call
+    had already paid for could not be recorded)."""
     from concurrent.futures import ThreadPoolExecutor
 
     target = target_of(spec)
@@ -158,17 +159,17 @@ def generate_items(spec: Any, prompt: str, negative: str, width: int, height: in
     timeout = float(opts.get("timeout", DEFAULT_TIMEOUT))
     if inits and len(inits) != len(seeds):
         raise ValueError(f"{len(inits)} init images but {len(seeds)} seeds")
+    reqs = [RemoteRequest(prompt, negative, width, height, seed, 1, inits[i] if inits else None,
+                          strength if inits else None, timeout, references) for i, seed in enumerate(seeds)]
+    if budget is not None and reqs:
+        try:
+            budget.reserve_all([estimate(target, req) for req in reqs], target.source)
+        except BackendError as exc:
+            raise (exc.for_context(context) if context else exc) from None
     done: list[int] = []
 
     def one(i: int) -> RemoteImage:
-        req = RemoteRequest(prompt, negative, width, height, seeds[i], 1, inits[i] if inits else None,
-                            strength if inits else None, timeout, references)
-        if budget is not None:
-            try:
-                budget.reserve(estimate(target, req), target.source)
-            except BackendError as exc:
-                raise exc.for_context(f"{context} seed {seeds[i]}".strip()) from None
-        [img] = generate(target, req, policy, context=f"{context} seed {seeds[i]}".strip())
+        [img] = generate(target, reqs[i], policy, context=f"{context} seed {seeds[i]}".strip())
         done.append(i)
         if on_progress:
             on_progress(len(done), len(seeds))

@@ -107,6 +107,36 @@ def _print_report(data: dict, home: Path) -> None:
     for stage, v in data["stages"].items():
         table.add_row(stage, str(v["assets"]), str(v["computed"]), str(v["reused"]), f"{v['seconds']:.2f}")
     out.print(table)
+    if data.get("dollars"):
+        _print_dollars(data["dollars"], list(data["deliverables"]))
+
+
+def _print_dollars(dol: dict, deliverables: list[str]) -> None:
+    """What the run's hosted-backend requests cost: per deliverable (by stage), what reuse and drafting cheap
+    saved, the run's total, and the date of each price table used."""
+    from atelier.backends.costs import money
+
+    def stages(by: dict) -> str:
+        return " · ".join(f"{st} {money(v)}" for st, v in by.items())
+
+    table = Table("deliverable", "spent", "by stage", "reuse saved", "drafting cheap saved", title="dollars")
+    for name in dict.fromkeys([*deliverables, *dol["by_deliverable"], *dol["saved_by_deliverable"]]):
+        ds = dol["drafting_saving"].get(name)
+        table.add_row(name, money(dol["by_deliverable"].get(name, 0.0)), stages(dol["by_deliverable_stage"].get(name, {})),
+                      money(dol["saved_by_deliverable"].get(name, 0.0)),
+                      f"{money(ds['saving'])} of {money(ds['all_at_refine_price'])}" if ds else "")
+    ds = dol["drafting_saving"].values()
+    table.add_row("[bold]run[/]", f"[bold]{money(dol['usd'])}[/]", stages(dol["by_stage"]), money(dol["saved_by_reuse"]),
+                  f"{money(sum(x['saving'] for x in ds))} of {money(sum(x['all_at_refine_price'] for x in ds))}" if ds else "")
+    out.print(table)
+    out.print("[dim]spent: requests this run sent · reuse saved: what its reused assets cost when they were made "
+              "(a re-run of an unchanged brief costs $0) · drafting cheap saved: finishing every candidate at the "
+              "refine price instead, minus what drafts and refines cost[/]")
+    if dol["unknown_priced"]:
+        out.print(f"[yellow]{dol['unknown_priced']} remote asset(s) from a backend with no price table: not counted[/]")
+    tables = ", ".join(f"{src} ({taken or 'no table'})" for src, taken in dol["price_tables"].items())
+    out.print(f"[dim]prices: {escape(tables)}: list prices as of those dates, estimates to verify against the "
+              "providers' pricing pages (ATELIER_PRICES overrides them)[/]", highlight=False)
 
 
 def _stars(rating: dict | None) -> str:
@@ -147,7 +177,7 @@ def _deliverable_tree(name: str, d: dict, home: Path) -> Tree:
             score = (f" · prompt {x['prompt_score']:+.3f} · mood {x['moodboard_score']:+.3f}" if "total" in x else "")
             src = names.get(x.get("from"), (x.get("from") or "")[:10])
             head = f"#{x['index']}" if n == 0 else f"{names[x['key']]} ← {src} ·"
-            node.add(f"{head} seed {x['seed']}{score}{_marks(x)}")
+            node.add(f"{head} seed {x['seed']}{score}{_usd(x)}{_marks(x)}")
         sel = d["stages"].get("select", {})
         sel_seconds = (rd["seconds"].get("select", sel.get("seconds", 0) if not multi else 0)
                        + rd["seconds"].get("pick", 0))
@@ -183,7 +213,7 @@ def _deliverable_tree(name: str, d: dict, home: Path) -> Tree:
         for x in sorted(d[stage], key=lambda x: (rank.get(x["key"], 99), x["key"])):
             src = names.get(x.get("from"), (x.get("from") or "")[:10])
             extra = f" · faces {len(x['faces'])}" if stage == "face_restore" else ""
-            node.add(f"{x['key'][:10]} ← {src} · {x['width']}x{x['height']}{extra}{_marks(x)}")
+            node.add(f"{x['key'][:10]} ← {src} · {x['width']}x{x['height']}{extra}{_usd(x)}{_marks(x)}")
             names[x["key"]] = x["key"][:10]
     if d.get("awaiting"):
         a = d["awaiting"]
@@ -196,6 +226,16 @@ def _deliverable_tree(name: str, d: dict, home: Path) -> Tree:
         finals.add(f"[cyan]{escape(_rel(x['final'], home))}[/] ← {x['key'][:10]} · {x['width']}x{x['height']}"
                    f"{_marks({'rating': x.get('rating')})}")
     return tree
+
+
+def _usd(x: dict) -> str:
+    """`` · $0.042`` for a remote asset (what its request cost by the price table; ``, reused: $0`` when this run
+    reused it), empty for a local one."""
+    from atelier.backends.costs import money
+
+    if "usd" not in x:
+        return ""
+    return f" · {money(x['usd'])}" + (", reused: $0" if x["usd"] and not x.get("usd_this_run") else "")
 
 
 def _marks(x: dict) -> str:

@@ -7,8 +7,10 @@ Stages run in order, one at a time; each one checkpoints into ``--work`` every f
 completion, so re-running the same command resumes where it stopped (a finished stage is skipped).
 Every batch is a function of (seed, stage, step) only, so a resumed run sees the same data.
 
-1. ``clip``: an open_clip ViT (64 px) + text transformer, symmetric InfoNCE on batches of scene pairs
-   that differ in one attribute (hard negatives for position, shape, size, ...);
+1. ``clip``: an open_clip CLIP (a small ModifiedResNet image tower, 64 px, + text transformer), symmetric
+   InfoNCE on batches of scene pairs that differ in one attribute (hard negatives for position, shape,
+   size, ...) plus an auxiliary per-attribute classification of both towers' embeddings (shared heads,
+   training only);
 2. ``vae``: an AutoencoderKL (f4, 4 latent channels), L1 + KL;
 3. ``unet``: a UNet2DConditionModel (epsilon, scaled-linear betas) conditioned on a transformers
    CLIPTextModel converted from the CLIP text tower (fine-tuned at a low learning rate), 10 % empty
@@ -217,18 +219,57 @@ def build_clip(run: Run) -> Any:
     return model.to(run.device), open_clip.get_tokenizer(CLIP_ARCH)
 
 
+# Weight of the auxiliary attribute loss beside InfoNCE (see ``attribute_heads``).
+AUX_WEIGHT = 1.0
+
+
+def attribute_heads(run: Run) -> Any:
+    """One linear classifier per attribute over the *normalised* joint embedding, shared by both towers.
+
+    Images are labelled from their scene, captions from ``scene.parse`` (attributes a caption leaves out
+    are not labelled), so both towers must encode every attribute, along the same directions. With
+    InfoNCE alone the first round's text tower mapped "on the left" / "on the right" to the same
+    embedding (cosine 1.000), since its image tower could not see position. These heads alone did not
+    fix that (a ViT image tower stayed at chance on position with them: the real cause was the ViT, see
+    ``models.Sizes``); with the ResNet tower they make the labels explicit. No ablation without them was
+    run. Training-only: the export is a plain open_clip model.
+    """
+    from atelier.world.scene import ATTRIBUTES, VOCAB
+
+    torch = run.torch
+    torch.manual_seed(run.seed + 10)
+    return torch.nn.ModuleDict({a: torch.nn.Linear(run.s.clip_embed, len(VOCAB[a])) for a in ATTRIBUTES}).to(run.device)
+
+
+def _attribute_loss(run: Run, heads: Any, emb: Any, labels: list[dict]) -> Any:
+    from atelier.world.scene import ATTRIBUTES, VOCAB
+
+    torch = run.torch
+    emb = torch.nn.functional.normalize(emb, dim=-1) * 8.0  # unit vectors; fixed temperature for the heads
+    total = 0.0
+    for a in ATTRIBUTES:
+        y = torch.tensor([VOCAB[a].index(lb[a]) if lb.get(a) is not None else -100 for lb in labels],
+                         device=run.device)
+        total = total + torch.nn.functional.cross_entropy(heads[a](emb), y, ignore_index=-100)
+    return total / len(ATTRIBUTES)
+
+
 def train_clip(run: Run) -> None:
+    from atelier.world.scene import parse
+
     torch = run.torch
     s = run.s
     model, tokenizer = build_clip(run)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=s.clip_lr, weight_decay=0.05, betas=(0.9, 0.98))
+    heads = attribute_heads(run).train()
+    opt = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=s.clip_lr, weight_decay=0.05,
+                            betas=(0.9, 0.98))
 
     def step_fn(step: Any, rng: Any):
         aspect = data.ASPECTS[int(rng.integers(len(data.ASPECTS)))]
         short = s.clip_image if rng.random() < 0.7 else int(rng.choice([s.clip_image * 5 // 8, s.clip_image * 3 // 4]))
         w, h = data.size_for(aspect, short)
-        images, captions, _ = data.pair_batch(s.clip_pairs, rng, w, h)
+        images, captions, scenes = data.pair_batch(s.clip_pairs, rng, w, h)
         x = _clip_images(run, images, s.clip_image)
         t = tokenizer(captions).to(run.device)
         img, txt, scale = model(x, t)[:3]
@@ -236,10 +277,13 @@ def train_clip(run: Run) -> None:
         # captions can repeat inside a batch (same attributes): treat every equal caption as a positive
         same = torch.tensor([[a == b for b in captions] for a in captions], device=run.device, dtype=torch.float32)
         target = same / same.sum(1, keepdim=True)
-        return 0.5 * (torch.nn.functional.cross_entropy(logits, target)
-                      + torch.nn.functional.cross_entropy(logits.T, target))
+        contrastive = 0.5 * (torch.nn.functional.cross_entropy(logits, target)
+                             + torch.nn.functional.cross_entropy(logits.T, target))
+        aux = 0.5 * (_attribute_loss(run, heads, img, [sc.attributes() for sc in scenes])
+                     + _attribute_loss(run, heads, txt, [parse(c) for c in captions]))
+        return contrastive + AUX_WEIGHT * aux
 
-    _loop(run, "clip", s.clip_steps, {"model": model}, opt, step_fn, s.clip_lr)
+    _loop(run, "clip", s.clip_steps, {"model": model, "heads": heads}, opt, step_fn, s.clip_lr)
 
 
 def load_trained_clip(run: Run) -> Any:

@@ -140,6 +140,28 @@ def copy_home(home: Path, target: Path) -> Path:
     return target
 
 
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Debian Chromium through chromedriver, one per test module. Missing = a failure (`make test-deps`)."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        pytest.fail("chromium / chromedriver not installed: run `make test-deps` (apt-get install chromium "
+                    "chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1400,1800",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        opts.add_argument(flag)
+    drv = webdriver.Chrome(options=opts, service=Service(executable_path=driver))
+    yield drv
+    drv.quit()
+
+
 @pytest.fixture(scope="session")
 def astronaut_path(tmp_path_factory) -> Path:
     """scikit-image's astronaut photograph (public domain): one real face."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -174,28 +173,6 @@ def test_diff_shows_what_differs_between_two_recipes(run) -> None:
 
 
 # -------------------------------------------------------------------------------- the contact sheet
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    """Headless Debian Chromium through chromedriver. Missing = a failure (CI installs it: `make test-deps`)."""
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if chromium is None or driver is None:
-        pytest.fail("chromium / chromedriver not installed: run `make test-deps` (apt-get install chromium "
-                    "chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1400,1800",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        opts.add_argument(flag)
-    drv = webdriver.Chrome(options=opts, service=Service(executable_path=driver))
-    yield drv
-    drv.quit()
-
-
 def test_contact_sheet_in_headless_chromium(run, browser, tmp_path) -> None:
     from selenium.webdriver.common.by import By
 

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from atelier.profiles import PROFILES
-from store import queries
+from store import lineage, queries
 from store.queries import STAGE_ORDER
 from store.schema import Asset, Gate, Rating, Review, Run
 
@@ -61,7 +61,7 @@ def run_dollars(members: list[tuple[Any, Asset]]) -> dict | None:
     ``price_tables`` (backend:model -> the date its price table was taken); None when no asset is remote."""
     from atelier.backends import costs
 
-    rows = [costs.CostRow(a.key, a.stage, a.deliverable, a.params or {}, ra.status == "computed") for ra, a in members]
+    rows = costs.cost_rows(members)
     tables = {}
     for row in rows:
         facts = row.params.get("remote")
@@ -207,8 +207,8 @@ def _clip_ranks(session: Session, decisions: set[str]) -> dict[tuple[str, str], 
     out = {}
     for decision in decisions:
         if decision:
-            by_total = sorted(queries.scores_of_decision(session, decision), key=lambda sc: -sc.total)
-            out.update({(decision, sc.draft_key): n for n, sc in enumerate(by_total, start=1)})
+            ranks = queries.clip_ranks(lineage.scores_for(session, decision))
+            out.update({(decision, key): n for key, n in ranks.items()})
     return out
 
 

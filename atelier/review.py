@@ -12,11 +12,13 @@ from __future__ import annotations
 import getpass
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from atelier.errors import UsageError
-from store import Store, lineage
-from store.schema import Gate, Run
+from store import Store, lineage, queries
+from store.schema import Asset, Edge, Gate, Run
 
 
 @dataclass(frozen=True)
@@ -67,10 +69,6 @@ def run_row(store: Store, run_id: str) -> Run:
 def open_gates(store: Store, run_id: str, deliverable: str | None = None, round_no: int | None = None) -> list[OpenGate]:
     """The gates of ``run_id`` no person has decided yet (optionally one deliverable's). With ``round_no``, the
     run's gates of that round decided or not: a decision can be given again (the latest one counts)."""
-    from sqlalchemy import select
-
-    from store.schema import Asset, Edge
-
     run_row(store, run_id)
     out = []
     with store.sessions() as s:
@@ -82,19 +80,15 @@ def open_gates(store: Store, run_id: str, deliverable: str | None = None, round_
         for g in gates:
             if deliverable is not None and g.deliverable != deliverable:
                 continue
-            out.append(_gate_view(s, store, g, Asset, Edge))
+            out.append(_gate_view(s, store, g))
     return out
 
 
-def _gate_view(s, store: Store, g: Gate, asset_cls, edge_cls) -> OpenGate:  # noqa: ANN001
-    from sqlalchemy import select
-
+def _gate_view(s: Session, store: Store, g: Gate) -> OpenGate:
     scores = {sc.draft_key: sc for sc in lineage.scores_for(s, g.decision)}
-    by_total = sorted(scores.values(), key=lambda sc: -sc.total)
-    rank = {sc.draft_key: n for n, sc in enumerate(by_total, start=1)}
-    assets = {a.key: a for a in s.scalars(select(asset_cls).where(asset_cls.key.in_(g.candidates)))}
-    inits = dict(s.execute(select(edge_cls.child, edge_cls.parent).where(
-        edge_cls.child.in_(g.candidates), edge_cls.role == "init")).all())
+    rank = queries.clip_ranks(scores.values())
+    assets = {a.key: a for a in s.scalars(select(Asset).where(Asset.key.in_(g.candidates)))}
+    inits = dict(s.execute(select(Edge.child, Edge.parent).where(Edge.child.in_(g.candidates), Edge.role == "init")).all())
     cands = []
     for n, key in enumerate(g.candidates, start=1):
         sc, a = scores.get(key), assets[key]
@@ -177,7 +171,3 @@ def choose_gate(gates: list[OpenGate], run_id: str, deliverable: str | None, rou
         names = ", ".join(f"{g.deliverable} (round {g.round})" for g in gates)
         raise UsageError(f"run {run_id} awaits review for several deliverables: {names}; pick one with --deliverable")
     return gates[0]
-
-
-def brief_of(run: Run) -> Path:
-    return Path(run.brief_path)

@@ -99,8 +99,7 @@ def _budget(ctx: RunContext, campaign: Campaign, model: ModelSpec) -> costs.Budg
     if campaign.brief.budget is None or model.kind != "remote":
         return None
     with ctx.store.sessions() as s:
-        rows = [costs.CostRow(a.key, a.stage, a.deliverable, a.params or {}, ra.status == "computed")
-                for ra, a in queries.run_assets(s, ctx.run_id)]
+        rows = costs.cost_rows(queries.run_assets(s, ctx.run_id))
     return costs.Budget(campaign.brief.budget.usd, costs.summarize(rows)["usd"])
 
 
@@ -248,8 +247,7 @@ def _gate(ctx: RunContext, campaign: Campaign, name: str, round_no: int, decisio
         ctx.progress.note(f"{name} · round {round_no}: awaiting a person's decision")
         return None
     timer = StageTimer(ctx, name, "pick", len(review.kept))
-    by_total = sorted(scores.values(), key=lambda sc: -sc.total)
-    clip_rank = {sc.draft_key: n for n, sc in enumerate(by_total, start=1)}
+    clip_rank = queries.clip_ranks(scores.values())
     keys = [pick_key(decision, k) for k in review.kept]
     missing = to_compute(ctx, "pick", keys)
     paths = {c.key: c.path for c in candidates}

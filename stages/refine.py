@@ -20,7 +20,7 @@ from PIL import Image
 
 from atelier.models import Models, device
 from atelier.profiles import ModelSpec
-from stages.common import batched, generators, load_rgb
+from stages.common import batched, generators, load_rgb, png_bytes
 from stages.prompts import prompt_kwargs
 from stages.protocol import Input, Output, Progress, Stage, parent, per_item, runtime, uses_model
 
@@ -95,8 +95,6 @@ def refine(req: RefineRequest, models: Models, on_progress: Progress | None = No
 
 def _remote_refine(req: RefineRequest, on_progress: Progress | None) -> list[Output]:
     """One image-to-image request per kept draft, resized to the refine size and sent as PNG."""
-    import io
-
     from atelier import backends
 
     def png(path: Path, size: tuple[int, int] | None) -> bytes:
@@ -105,9 +103,7 @@ def _remote_refine(req: RefineRequest, on_progress: Progress | None) -> list[Out
             im = im.resize(size, Image.Resampling.LANCZOS)
         else:
             im.thumbnail((1024, 1024), Image.Resampling.LANCZOS)  # a reference's style survives; megabytes need not
-        buf = io.BytesIO()
-        im.save(buf, "PNG")
-        return buf.getvalue()
+        return png_bytes(im)
 
     inits = tuple(png(i.path, (req.width, req.height)) for i in req.inits)
     refs = tuple(png(r.path, None) for r in req.style_refs) if req.ip_adapter.kind == "remote" else ()

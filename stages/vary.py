@@ -19,7 +19,7 @@ from PIL import Image
 
 from atelier.models import Models, device
 from atelier.profiles import ModelSpec
-from stages.common import batched, generators, load_rgb
+from stages.common import batched, generators, load_rgb, png_bytes
 from stages.prompts import prompt_kwargs
 from stages.protocol import Input, Output, Progress, Stage, per_item, runtime, uses_model
 
@@ -88,16 +88,12 @@ def vary(req: VaryRequest, models: Models, on_progress: Progress | None = None) 
 
 def _remote_vary(req: VaryRequest, on_progress: Progress | None) -> list[Output]:
     """One image-to-image request per variation, its init resized to the draft size and sent as PNG."""
-    import io
-
     from atelier import backends
 
     pngs: dict[str, bytes] = {}  # each kept image is varied several times: encode it once
     for i in req.inits:
         if i.key not in pngs:
-            buf = io.BytesIO()
-            load_rgb(i.path).resize((req.width, req.height), Image.Resampling.LANCZOS).save(buf, "PNG")
-            pngs[i.key] = buf.getvalue()
+            pngs[i.key] = png_bytes(load_rgb(i.path).resize((req.width, req.height), Image.Resampling.LANCZOS))
     made = backends.generate_items(req.model, req.prompt, req.negative, req.width, req.height, req.seeds,
                                    inits=tuple(pngs[i.key] for i in req.inits), strength=req.strength,
                                    concurrency=req.batch_size, context=f"vary r{req.round}", budget=req.budget,

@@ -233,7 +233,7 @@ def finish_run(store: Store, run_id: str, error: str | None = None, device: str 
     """Record a run's end; ``info`` (e.g. the process's counters) is merged into the run's ``info``."""
     with store.sessions.begin() as s:
         run = s.get(Run, run_id)
-        pending = _pending_gates(s, run_id)
+        pending = pending_gates(s, run_id)
         run.status = "failed" if error else AWAITING if pending else "completed"
         run.error = error
         run.finished_at = utcnow()
@@ -269,14 +269,10 @@ def latest_review(s: Session, decision: str) -> Review | None:
     return s.scalars(select(Review).where(Review.decision == decision).order_by(Review.id.desc()).limit(1)).first()
 
 
-def _pending_gates(s: Session, run_id: str) -> list[Gate]:
-    gates = s.scalars(select(Gate).where(Gate.run_id == run_id).order_by(Gate.deliverable, Gate.round))
-    return [g for g in gates if latest_review(s, g.decision) is None]
-
-
 def pending_gates(s: Session, run_id: str) -> list[Gate]:
     """The gates of a run no person has decided yet, by deliverable and round."""
-    return _pending_gates(s, run_id)
+    gates = s.scalars(select(Gate).where(Gate.run_id == run_id).order_by(Gate.deliverable, Gate.round))
+    return [g for g in gates if latest_review(s, g.decision) is None]
 
 
 def record_review(store: Store, decision: str, deliverable: str, round_no: int, kept: Sequence[str],

@@ -94,9 +94,9 @@ def scores_by_draft(session: Session, draft_keys: Iterable[str]) -> dict[str, li
     return out
 
 
-def scores_of_decision(session: Session, decision: str) -> list[Score]:
-    """Every candidate's scores within one selection decision."""
-    return list(session.scalars(select(Score).where(Score.decision == decision)))
+def clip_ranks(scores: Iterable[Score]) -> dict[str, int]:
+    """Each candidate's rank by CLIP's total score within one decision (1 = best), as a reviewer sees it."""
+    return {sc.draft_key: n for n, sc in enumerate(sorted(scores, key=lambda sc: -sc.total), start=1)}
 
 
 def search_assets(session: Session, *, campaign: str | None = None, deliverable: str | None = None,

@@ -77,6 +77,13 @@ def write_brief(folder: Path, text: str, name: str = "brief.yaml") -> Path:
     return path
 
 
+def tiny_home(home: Path, models_dir: Path) -> Path:
+    """``home`` (created) with the session's tiny models linked in as its ``models`` folder (built once)."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "models").symlink_to(models_dir, target_is_directory=True)
+    return home
+
+
 TINY_BRIEF = """\
 campaign: views
 profile: tiny
@@ -125,8 +132,7 @@ def tiny_run(prefect_server, models_dir, tmp_path_factory) -> dict:
     from store.schema import Run
 
     folder = with_refs(tmp_path_factory.mktemp("brief"), ("coffee.jpg", "chelsea.jpg", "astronaut.jpg"))
-    home = tmp_path_factory.mktemp("home")
-    (home / "models").symlink_to(models_dir, target_is_directory=True)  # the session's tiny models, built once
+    home = tiny_home(tmp_path_factory.mktemp("home"), models_dir)
     res = CliRunner().invoke(app, ["run", str(write_brief(folder, TINY_BRIEF)), "--home", str(home), "--no-report"])
     assert res.exit_code == 0, res.output
     with open_store(home).sessions() as s:

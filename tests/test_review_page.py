@@ -22,7 +22,7 @@ from atelier.review import open_gates
 from atelier.review_page import serve_review
 from store import open_store, queries
 from store.schema import Review, Run, RunAsset
-from tests.conftest import with_refs, write_brief
+from tests.conftest import tiny_home, with_refs, write_brief
 
 pytestmark = pytest.mark.slow  # a campaign through Prefect and a browser (make test-fast skips them)
 
@@ -48,8 +48,7 @@ deliverables:
 def review_run(prefect_server, models_dir, tmp_path_factory) -> dict:
     """A run that stops at its review gate: round 0 selected by CLIP, round 1's four variations await a person."""
     folder = with_refs(tmp_path_factory.mktemp("brief"))
-    home = tmp_path_factory.mktemp("home")
-    (home / "models").symlink_to(models_dir, target_is_directory=True)
+    home = tiny_home(tmp_path_factory.mktemp("home"), models_dir)
     res = CliRunner().invoke(app, ["run", str(write_brief(folder, BRIEF)), "--home", str(home), "--no-report"])
     assert res.exit_code == 0, res.output
     assert "awaits review" in res.output, res.output

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from atelier.cli import app
 from store import open_store
 from store.schema import Asset, Edge, Gate, Review, Run, RunAsset, StageRun
-from tests.conftest import with_refs, write_brief
+from tests.conftest import tiny_home, with_refs, write_brief
 
 pytestmark = pytest.mark.slow  # campaigns through Prefect
 
@@ -94,8 +94,7 @@ def flow(prefect_server, models_dir, tmp_path_factory) -> dict:
     """A run stopped at round 0's gate, decided, resumed to round 1's gate, decided, resumed to the finals."""
     folder = with_refs(tmp_path_factory.mktemp("brief"))
     brief = write_brief(folder, BRIEF)
-    home = tmp_path_factory.mktemp("home")
-    (home / "models").symlink_to(models_dir, target_is_directory=True)
+    home = tiny_home(tmp_path_factory.mktemp("home"), models_dir)
     h = str(home)
     state: dict = {"home": home, "brief": brief, "outputs": {}}
     state["outputs"]["run"] = cli("run", str(brief), "--home", h, "--no-report")
@@ -227,12 +226,10 @@ def test_bad_decisions_are_one_line_and_write_nothing(flow, tmp_path) -> None:
         assert len(s.scalars(select(Review)).all()) == n
 
 
-def test_a_kill_while_passing_the_gate_resumes_cleanly(flow, tmp_path) -> None:
+def test_a_kill_while_passing_the_gate_resumes_cleanly(flow, models_dir, tmp_path) -> None:
     """kill -9 inside the save of the person's picks (committed, files not moved into place): the run is left
     "running" with a dead process; `atelier resume` takes it over and finishes, and doctor finds nothing."""
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "models").symlink_to(Path(os.readlink(flow["home"] / "models")), target_is_directory=True)
+    home = tiny_home(tmp_path / "home", models_dir)
     h = str(home)
     cli("run", str(flow["brief"]), "--home", h, "--no-report", "--profile", "tiny")
     # a new home has no decisions: it stops at round 0 again
@@ -289,9 +286,7 @@ def test_a_schedule_tick_resumes_reviewed_runs_and_does_not_restart_waiting_ones
     write_brief(folder, BRIEF.replace("review: true", "review: last").replace("rounds:\n  - {vary: subtle, drafts: 2, "
                                                                                'keep: 2, prompt_append: "at dusk"}',
                                                                                "rounds: []"))
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "models").symlink_to(models_dir, target_is_directory=True)
+    home = tiny_home(tmp_path / "home", models_dir)
     first = batch_flow(folder=str(folder), home=str(home))
     assert len(first["ran"]) == 1
     with open_store(home).sessions() as s:

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from atelier.cli import app
 from store import open_store
 from store.schema import Asset, Rating, Run, RunAsset, Score
-from tests.conftest import copy_home, with_refs, write_brief
+from tests.conftest import copy_home, tiny_home, with_refs, write_brief
 
 BRIEF = """\
 campaign: rviews
@@ -59,8 +59,7 @@ def rr(prefect_server, models_dir, tmp_path_factory) -> dict:
     from store import lineage
 
     folder = with_refs(tmp_path_factory.mktemp("rbrief"), ("coffee.jpg", "chelsea.jpg"))
-    home = tmp_path_factory.mktemp("rhome")
-    (home / "models").symlink_to(models_dir, target_is_directory=True)
+    home = tiny_home(tmp_path_factory.mktemp("rhome"), models_dir)
     brief = write_brief(folder, BRIEF)
     res = CliRunner().invoke(app, ["run", str(brief), "--home", str(home), "--no-report"])
     assert res.exit_code == 0, res.output

@@ -242,11 +242,21 @@ def check_image(data: bytes, backend: str, model: str, request_id: str | None = 
 
 
 def download(url: str, backend: str, model: str, timeout: float, request_id: str | None = None) -> bytes:
-    """The bytes behind a result URL, fetched at once and *without* credentials (the URL is another host's).
+    """The bytes behind a result URL, fetched at once and *without* credentials (the URL is another host's);
+    a ``data:`` URL (base64) is decoded instead.
 
     403 / 404 / 410 mean the URL expired (providers keep results about an hour): that fails at once, as
     the image is gone; 429 / 5xx / dropped connections are retryable.
     """
+    if url.startswith("data:"):
+        import base64
+
+        try:
+            data = base64.b64decode(url.split(",", 1)[1], validate=True)
+        except (IndexError, ValueError):
+            raise BackendError(backend, model, "malformed", "result data URI is not base64",
+                               request_id=request_id) from None
+        return check_image(data, backend, model, request_id)
     import httpx
 
     try:
@@ -266,6 +276,14 @@ def download(url: str, backend: str, model: str, timeout: float, request_id: str
                            f"HTTP {resp.status_code} downloading the result", request_id=request_id,
                            retry_after=retry_after(resp.headers))
     return check_image(resp.content, backend, model, request_id)
+
+
+def cancel_quietly(job: Any) -> None:
+    """Cancel a provider's job (a prediction, a queued request), best effort: the timeout is the error to report."""
+    try:
+        job.cancel()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def nearest_size(width: int, height: int, sizes: list[tuple[int, int]]) -> tuple[int, int]:

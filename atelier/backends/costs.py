@@ -13,6 +13,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,11 @@ class CostRow:
     deliverable: str | None
     params: dict
     computed: bool  # made by this run (False: reused from the store)
+
+
+def cost_rows(members: Iterable[tuple[Any, Any]]) -> list[CostRow]:
+    """One row per asset of a run, from its ``(RunAsset, Asset)`` pairs (``store.queries.run_assets``)."""
+    return [CostRow(a.key, a.stage, a.deliverable, a.params or {}, ra.status == "computed") for ra, a in members]
 
 
 def asset_usd(params: dict) -> tuple[float | None, bool]:

@@ -26,7 +26,7 @@ from atelier.backends.common import (
     RemoteRequest,
     Target,
     api_key,
-    check_image,
+    cancel_quietly,
     download,
     kind_of_status,
     retry_after,
@@ -84,7 +84,7 @@ def generate(target: Target, req: RemoteRequest) -> list[RemoteImage]:
         # 3. Poll until done or past the timeout (then cancel: nobody will collect it)
         while not isinstance(status := handle.status(), Completed):
             if time.monotonic() > deadline:
-                _cancel(handle)
+                cancel_quietly(handle)
                 where = "in queue" if isinstance(status, Queued) else "in progress"
                 raise BackendError(NAME, app, "timeout", f"request still {where} after {req.timeout:g} s",
                                    request_id=request_id)
@@ -115,8 +115,7 @@ def generate(target: Target, req: RemoteRequest) -> list[RemoteImage]:
     out = []
     for img in images:
         url = img["url"]
-        data = _data_uri(url, app, request_id) if url.startswith("data:") else download(
-            url, NAME, app, max(1.0, deadline - time.monotonic()), request_id)
+        data = download(url, NAME, app, max(1.0, deadline - time.monotonic()), request_id)
         width, height = img.get("width") or req.width, img.get("height") or req.height
         usd, taken = estimate_usd(target.source, width, height)
         out.append(RemoteImage(data, {
@@ -135,18 +134,3 @@ def _http_error(exc: Any, app: str, key: str, request_id: str | None) -> Backend
     kind = "refused" if exc.error_type in REFUSAL_TYPES else kind_of_status(status)
     return BackendError(NAME, app, kind, scrub(f"HTTP {status}: {detail}", key),
                         retry_after=retry_after(exc.response_headers), request_id=request_id)
-
-
-def _cancel(handle: Any) -> None:
-    try:
-        handle.cancel()
-    except Exception:  # noqa: BLE001 - best effort: the timeout is the error to report
-        pass
-
-
-def _data_uri(url: str, app: str, request_id: str | None) -> bytes:
-    try:
-        data = base64.b64decode(url.split(",", 1)[1], validate=True)
-    except (IndexError, ValueError):
-        raise BackendError(NAME, app, "malformed", "image data URI is not base64", request_id=request_id) from None
-    return check_image(data, NAME, app, request_id)

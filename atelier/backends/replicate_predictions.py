@@ -29,7 +29,7 @@ from atelier.backends.common import (
     RemoteRequest,
     Target,
     api_key,
-    check_image,
+    cancel_quietly,
     download,
     kind_of_status,
     retry_after,
@@ -117,7 +117,7 @@ def generate(target: Target, req: RemoteRequest) -> list[RemoteImage]:
         while pred.status not in TERMINAL:
             if time.monotonic() > deadline:
                 status = pred.status
-                _cancel(pred)
+                cancel_quietly(pred)
                 raise BackendError(NAME, model, "timeout", f"prediction still {status} after {req.timeout:g} s",
                                    request_id=request_id)
             time.sleep(client.poll_interval)
@@ -145,8 +145,7 @@ def generate(target: Target, req: RemoteRequest) -> list[RemoteImage]:
     out = []
     for url in urls:
         remaining = max(1.0, deadline - time.monotonic())
-        data = _data_uri(url, model, request_id) if url.startswith("data:") else download(url, NAME, model, remaining,
-                                                                                          request_id)
+        data = download(url, NAME, model, remaining, request_id)
         width, height = _size(data)
         usd, taken = estimate_usd(f"{NAME}:{ref}", width, height)
         out.append(RemoteImage(data, {
@@ -166,21 +165,6 @@ def _api_error(exc: Any, model: str, key: str, headers: dict, request_id: str | 
         wait = float(m.group(1))  # "Request was throttled. Expected available in 6 seconds."
     kind = "refused" if status in (400, 422) and REFUSAL.search(detail) else kind_of_status(status)
     return BackendError(NAME, model, kind, f"HTTP {status}: {detail}", retry_after=wait, request_id=request_id)
-
-
-def _cancel(pred: Any) -> None:
-    try:
-        pred.cancel()
-    except Exception:  # noqa: BLE001 - best effort: the timeout is the error to report
-        pass
-
-
-def _data_uri(url: str, model: str, request_id: str | None) -> bytes:
-    try:
-        data = base64.b64decode(url.split(",", 1)[1], validate=True)
-    except (IndexError, ValueError):
-        raise BackendError(NAME, model, "malformed", "output data URI is not base64", request_id=request_id) from None
-    return check_image(data, NAME, model, request_id)
 
 
 def _size(data: bytes) -> tuple[int, int]:

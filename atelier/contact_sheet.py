@@ -215,12 +215,18 @@ def render_html(data: dict, path_of: Callable[[str], Path], thumbs_dir: Path | N
         parts.append(f"<h3>Finals ({len(d['finals'])}) — click one for its lineage</h3><div class='finals'>")
         for f in d["finals"]:
             label = f"{Path(f['final']).name} · {f['width']}x{f['height']}"
-            marks = _rating_html(f.get("rating"))
+            marks = _rating_html(f.get("rating")) + _safety_html(f.get("safety"))
             parts.append(f"<details class='final' data-key='{e(f['key'])}'><summary>"
                          f"<img alt='{e(label)}' src='{thumb(f['path'], FINAL_THUMB)}'>"
                          f"{e(label)}{'<br>' + marks if marks else ''}</summary>"
                          f"<div class='lineage'><ul>{_lineage_html(f['lineage'])}</ul></div></details>")
-        parts.append("</div></section>")
+        parts.append("</div>")
+        for b in d.get("blocked", []):
+            sf = b["safety"]
+            parts.append(f"<p class='blocked' data-key='{e(b['key'])}'><b>Blocked by the safety gate</b> · final "
+                         f"<code>{e(b['key'])}</code> not exported: open_nsfw {sf['nsfw']:.4f} &ge; threshold "
+                         f"{sf['threshold']} (safety: {e(sf['mode'])})</p>")
+        parts.append("</section>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -254,6 +260,7 @@ def _round_html(deliverable: str, rd: dict, multi: bool, names: dict[str, str], 
                       f"by {e(str(x.get('picked_by')))}</span>")
         rating = _rating_html(x.get("rating"))
         marks += f"<br>{rating}" if rating else ""
+        marks += _safety_html(x.get("safety"))
         classes = " ".join(c for c in (kind, "kept" if x.get("kept") else "", "picked" if x.get("picked") else "",
                                        "rejected" if (x.get("rating") or {}).get("rejected") else "") if c)
         parts.append(f"<figure class='{classes}' data-key='{e(x['key'])}' data-number='{x['number']}'>"
@@ -279,6 +286,16 @@ def _round_html(deliverable: str, rd: dict, multi: bool, names: dict[str, str], 
         parts.append(f"<p class='selection'>{' · '.join(lines)}</p>")
     parts.append("</section>")
     return "".join(parts)
+
+
+def _safety_html(verdict: dict | None) -> str:
+    """The safety gate's score of an image, and its decision when it was not a pass."""
+    if not verdict:
+        return ""
+    decision = verdict["decision"]
+    mark = "" if decision == "pass" else (f" · <span class='safety-mark' data-decision='{html.escape(decision)}'>"
+                                          f"⚠ {html.escape(decision)}</span>")
+    return f"<br><span class='safety'>nsfw {verdict['nsfw']:.3f}</span>{mark}"
 
 
 def _rating_html(rating: dict | None) -> str:
@@ -355,6 +372,9 @@ def markdown_sheet(data: dict, path_of: Callable[[str], Path], deliverable: str,
                   f"`atelier review {r['id']} --deliverable {deliverable}`", ""]
         return "\n".join(lines)
     lines += ["", "## Finals", ""]
+    for b in d.get("blocked", []):
+        lines += [f"**Blocked by the safety gate**: final `{b['key']}` not exported (open_nsfw "
+                  f"{b['safety']['nsfw']:.4f} >= threshold {b['safety']['threshold']}, safety: {b['safety']['mode']})", ""]
     for f in d["finals"]:
         rating = _rating_text(f.get("rating"))
         lines += [f"### {Path(f['final']).name} ({f['width']}x{f['height']})" + (f" {rating}" if rating else ""), "",

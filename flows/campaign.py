@@ -12,7 +12,9 @@ round trips and a heartbeat-thread join (~1-2 s; see bench/README.md), which is 
 
 from __future__ import annotations
 
+import logging
 import platform
+import signal
 import time
 import traceback
 from pathlib import Path
@@ -20,7 +22,7 @@ from pathlib import Path
 from prefect import Flow, flow, get_run_logger
 from prefect.states import Completed
 
-from atelier import __version__
+from atelier import __version__, interrupts
 from atelier.brief import Campaign, load_brief
 from atelier.models import device_used
 from atelier.progress import reporter
@@ -121,6 +123,7 @@ def campaign_flow(brief_path: str, home: str, run_id: str, profile: str | None =
     ``review``: a person decides at every selection (``atelier run --review``), whatever the brief says.
     ``resume``: run ``run_id`` again (it stopped at a review gate or failed): what is stored is reused.
     A deliverable whose gate awaits a decision stops there; the run then ends "awaiting review".
+    Ctrl-C or SIGTERM ends it "cancelled" (the exception is raised on: the CLI says so in one line).
     The run's model calls and the seconds spent exporting and publishing go into the run's ``info``.
     """
     if force is not None and force not in STAGES:
@@ -165,8 +168,13 @@ def _run(ctx: RunContext, campaign: Campaign, submit: bool, resume: bool) -> lis
         publish_gates(ctx.store, run_id, campaign.brief.campaign)
         ctx.phases["artifacts"] += time.perf_counter() - t0
     except BaseException as exc:
-        lineage.finish_run(store, run_id, error="".join(traceback.format_exception_only(type(exc), exc)).strip(),
-                           device=device_used(), info=_counters(ctx))
+        signum = interrupts.signal_of(exc)
+        if signum is not None:  # Ctrl-C or SIGTERM: stopped, not failed; the store holds what was committed
+            lineage.finish_run(store, run_id, cancelled=f"interrupted by {signal.Signals(signum).name}",
+                               device=device_used(), info=_counters(ctx))
+        else:
+            lineage.finish_run(store, run_id, device=device_used(), info=_counters(ctx),
+                               error="".join(traceback.format_exception_only(type(exc), exc)).strip())
         raise
     lineage.finish_run(store, run_id, device=device_used(), info=_counters(ctx))
     with store.sessions() as s:
@@ -176,6 +184,34 @@ def _run(ctx: RunContext, campaign: Campaign, submit: bool, resume: bool) -> lis
 def _counters(ctx: RunContext) -> dict:
     """What this process counted for the run (a Dask run's model calls happen in its workers: see stage rows)."""
     return {"model_calls": ctx.calls.to_dict(), "phases": {k: round(v, 4) for k, v in ctx.phases.items()}}
+
+
+class _WithoutTraceback(logging.Formatter):
+    """Formats a record as ``inner`` does, less its traceback."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not (record.exc_info or record.exc_text or record.stack_info):
+            return self.inner.format(record)
+        plain = logging.makeLogRecord(record.__dict__)  # a copy: the API handler sends the traceback to the UI
+        plain.exc_info = plain.exc_text = plain.stack_info = None
+        return self.inner.format(plain)
+
+
+def terminal_logs_without_tracebacks() -> None:
+    """Prefect's log lines on the terminal without tracebacks (the Prefect UI keeps them): a failed run ends in
+    the CLI's one line, not in 60 lines of Prefect internals. ``PREFECT_LOGGING_LEVEL=DEBUG`` keeps them.
+    For the CLI to call once, after prefect is imported (which configures its logging)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    if logging.getLogger("prefect").getEffectiveLevel() <= logging.DEBUG:
+        return
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _WithoutTraceback):
+            handler.setFormatter(_WithoutTraceback(handler.formatter or logging.Formatter()))
 
 
 def campaign_flow_for(task_runner: str = "sequential", workers: int = 2) -> Flow:

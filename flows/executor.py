@@ -13,6 +13,7 @@ Large images (finals) get their contact-sheet thumbnails from memory here, so no
 from __future__ import annotations
 
 import dataclasses
+import errno
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,15 +62,18 @@ def is_oom(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
 
 
+NOT_TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # a full disk stays full for the retries' 14 s
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: CUDA out-of-memory (with a smaller batch) and I/O errors. Never bad input, and
-    never a file that is simply not there (a missing reference or weight file stays missing)."""
+    """Worth retrying: CUDA out-of-memory (with a smaller batch) and I/O errors. Never bad input, never a
+    file that is simply not there (a missing reference or weight file stays missing), never a full disk."""
     if isinstance(exc, (BriefError, ValueError)):
         return False
     if is_oom(exc):
         return True
-    return isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError,
-                                                            NotADirectoryError))
+    return isinstance(exc, OSError) and exc.errno not in NOT_TRANSIENT_ERRNOS and not isinstance(
+        exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
 
 
 def model_call(ctx: RunContext, deliverable: str | None, stage: Stage, req: Any, on_progress: Any = None) -> Any:

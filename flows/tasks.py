@@ -15,8 +15,7 @@ buys nothing when there is no limit to honour.
 
 from __future__ import annotations
 
-import hashlib
-import io
+import json
 import math
 import os
 import shutil
@@ -29,7 +28,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from atelier import credentials, metadata
+from atelier import credentials, metadata, safety
 from atelier.backends import costs
 from atelier.brief import Campaign, Deliverable, fit_to_area
 from atelier.keys import asset_key, derive_seed
@@ -105,11 +104,9 @@ def _budget(ctx: RunContext, campaign: Campaign, model: ModelSpec) -> costs.Budg
 
 # ---------------------------------------------------------------------------------------- mood board
 def _reference_asset(campaign: Campaign, path: Path) -> NewAsset:
-    """A brand reference, identified by its bytes."""
-    data = path.read_bytes()
-    sha = hashlib.sha256(data).hexdigest()
-    with Image.open(io.BytesIO(data)) as im:
-        size = im.size
+    """A brand reference, identified by its bytes (read again: ``BriefError`` if changed since the brief was checked)."""
+    data, checked = campaign.read_image(path), campaign.image(path)
+    sha, size = checked.sha256, checked.size
     return NewAsset(key=asset_key("reference", 1, {"sha256": sha}, [], None), stage="reference", kind="image",
                     campaign=campaign.brief.campaign, deliverable=None, data=data, suffix=path.suffix.lower(),
                     width=size[0], height=size[1], params={"source": str(path.relative_to(campaign.root)), "sha256": sha})
@@ -177,15 +174,76 @@ def select_task(ctx: RunContext, campaign: Campaign, name: str, round_no: int, d
         return None
     d, stage = _deliverable(campaign, name), select_stage.STAGE
     rounds = campaign.brief.rounds_of(d)
-    keep = min(d.keep if round_no == 0 else rounds[round_no - 1].keep, len(drafts))
-    req = select_stage.SelectRequest(prompt=d.prompt_at(rounds, round_no), keep=keep,
-                                     weights=ctx.prof.selection_weights, drafts=_inputs(drafts),
+    # The safety gate first: a flagged draft is never kept, by CLIP or by a person
+    mode, threshold = _safety_setting(ctx, campaign)
+    excluded: tuple[int, ...] = ()
+    if mode != "off":
+        nsfw = _safety_scores(ctx, campaign, name, drafts)
+        excluded = tuple(i for i, r in enumerate(drafts) if safety.flagged(nsfw[r.key], threshold, mode))
+        lineage.record_safety(ctx.store, ctx.run_id, name, [
+            {"key": r.key, "of": "draft", "nsfw": nsfw[r.key], "threshold": threshold, "mode": mode,
+             "decision": "excluded" if i in excluded else "pass"} for i, r in enumerate(drafts)])
+        if excluded:
+            ctx.progress.note(f"{name} · round {round_no}: safety gate flagged {len(excluded)} of {len(drafts)} "
+                              f"drafts (open_nsfw >= {threshold}); they are not selected")
+    keep = min(d.keep if round_no == 0 else rounds[round_no - 1].keep, len(drafts) - len(excluded))
+    req = select_stage.SelectRequest(prompt=d.prompt_at(rounds, round_no), keep=max(keep, 1),
+                                     weights=ctx.prof.selection_weights, drafts=_inputs(drafts), excluded=excluded,
                                      moodboard=_inputs([board.board])[0], clip=ctx.prof.clip)
+    select_stage.check_inputs(req)  # all drafts flagged: a clear error, before any model runs
     [decision] = plan(stage, req, ctx.models.identity)
     clip_kept = _clip_select(ctx, campaign, name, round_no, req, decision, drafts)
     if not campaign.brief.reviewed_at(d, round_no, ctx.spec.review):
         return clip_kept
-    return _gate(ctx, campaign, name, round_no, decision.key, drafts)
+    return _gate(ctx, campaign, name, round_no, decision.key, [r for i, r in enumerate(drafts) if i not in excluded])
+
+
+# --------------------------------------------------------------------------------------- safety gate
+def _safety_setting(ctx: RunContext, campaign: Campaign) -> tuple[str, float]:
+    """The brief's safety mode and threshold (the profile's threshold unless the brief gives one)."""
+    s = campaign.brief.safety
+    return s.mode, ctx.prof.safety_threshold if s.threshold is None else s.threshold
+
+
+def _safety_scores(ctx: RunContext, campaign: Campaign, name: str, images: list[Ref]) -> dict[str, float]:
+    """open_nsfw's score of each image, by key (``atelier.safety``). Each score is a ``safety`` check asset
+    (a small JSON file; parent: the image; keyed by it and the classifier), computed once and then reused."""
+    spec = ctx.prof.safety_model
+    model = ctx.models.identity(spec)
+    keys = {r.key: asset_key("safety", safety.CHECK_VERSION, {}, [(r.key, "source")], model) for r in images}
+    timer = StageTimer(ctx, name, "safety", len(images))
+    missing = to_compute(ctx, "safety", list(keys.values()))
+    todo = [r for r in images if keys[r.key] in missing]
+    if todo:
+        t0 = time.perf_counter()
+        scores = safety.score(ctx.models.safety_classifier(spec), [Image.open(r.path).convert("RGB") for r in todo])
+        per = (time.perf_counter() - t0) / len(todo)
+        save(ctx.store, ctx.run_id, [NewAsset(
+            key=keys[r.key], stage="safety", kind="check", campaign=campaign.brief.campaign, deliverable=name,
+            data=json.dumps({"image": r.key, "nsfw": sc, "classifier": spec.name}).encode(), suffix=".json",
+            params={"nsfw": sc, "classifier": spec.name, "image": r.key}, model=model, seconds=per, parents=((r.key, "source"),))
+            for r, sc in zip(todo, scores)])
+    lineage.mark_reused(ctx.store, ctx.run_id, [k for k in keys.values() if k not in missing])
+    timer.done(len(todo), len(images) - len(todo))
+    with ctx.store.sessions() as s:
+        rows = queries.existing(s, ctx.store.files, keys.values())
+    return {image: float(rows[check].params["nsfw"]) for image, check in keys.items()}
+
+
+def _safety_gate_finals(ctx: RunContext, campaign: Campaign, name: str, finals: list[Ref]) -> set[str]:
+    """Score the finals and record each decision (pass / flag / block) with the run; returns the blocked keys."""
+    mode, threshold = _safety_setting(ctx, campaign)
+    if mode == "off" or not finals:
+        return set()
+    nsfw = _safety_scores(ctx, campaign, name, finals)
+    decisions = [{"key": r.key, "of": "final", "nsfw": nsfw[r.key], "threshold": threshold, "mode": mode,
+                  "decision": safety.decide(nsfw[r.key], threshold, mode)} for r in finals]
+    lineage.record_safety(ctx.store, ctx.run_id, name, decisions)
+    for x in decisions:
+        if x["decision"] != "pass":
+            ctx.progress.note(f"{name}: final {x['key']} {'blocked' if x['decision'] == 'block' else 'flagged'} by the "
+                              f"safety gate: open_nsfw {x['nsfw']:.4f} >= threshold {threshold}")
+    return {x["key"] for x in decisions if x["decision"] == "block"}
 
 
 def _clip_select(ctx: RunContext, campaign: Campaign, name: str, round_no: int, req: select_stage.SelectRequest,
@@ -321,11 +379,13 @@ def _masks(ctx: RunContext, campaign: Campaign, name: str, sources: list[Ref]) -
     the faces found in each source (one each). Masks are assets: stored, reused and in lineage."""
     spec, camp = _deliverable(campaign, name).post.inpaint, campaign.brief.campaign
     if spec.faces:
-        return run_stage(ctx, postedit.MASK_FACES, postedit.FaceMaskRequest(sources=_inputs(sources)), camp, name)
+        req = postedit.FaceMaskRequest(detector=ctx.prof.face_detector, sources=_inputs(sources))
+        return run_stage(ctx, postedit.MASK_FACES, req, camp, name)
     mask_file = campaign.mask_for(name)
     if mask_file is not None:
+        campaign.read_image(mask_file)  # BriefError if deleted or changed since the brief was checked
         req = postedit.FileMaskRequest(source=str(mask_file.relative_to(campaign.root)),
-                                       sha256=hashlib.sha256(mask_file.read_bytes()).hexdigest(), file=mask_file)
+                                       sha256=campaign.image(mask_file).sha256, file=mask_file)
         [mask] = run_stage(ctx, postedit.MASK_FILE, req, camp, name)
     else:
         with Image.open(sources[0].path) as im:
@@ -342,21 +402,28 @@ def inpaint_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[R
     if sources is None:
         return None
     d, prof, s = _deliverable(campaign, name), ctx.prof, ctx.prof.inpaint
+    model = prof.inpaint_model or prof.refine_model
     req = postedit.InpaintRequest(
         prompt=d.post.inpaint.prompt, negative=_negative(campaign, d), steps=s.steps, guidance=s.guidance,
         strength=s.strength, scheduler=s.scheduler, ip_adapter_scale=prof.ip_adapter_scale, multiple=s.multiple,
-        model=prof.refine_model, ip_adapter=prof.ip_adapter, style_refs=_inputs(board.style_refs),
+        model=model, ip_adapter=prof.ip_adapter, style_refs=_inputs(board.style_refs),
         sources=_inputs(sources), masks=_inputs(_masks(ctx, campaign, name, sources)),
-        seeds=tuple(_seed_of(ctx, r.key) for r in sources))
+        seeds=tuple(_seed_of(ctx, r.key) for r in sources), batch_size=s.batch_size,
+        budget=_budget(ctx, campaign, model))
     return run_stage(ctx, postedit.INPAINT, req, campaign.brief.campaign, name)
 
 
 @task(name="face-restore-batch", task_run_name="{name}/face-restore", cache_policy=NO_CACHE, **RETRIES)
 def face_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[Ref] | None) -> list[Ref] | None:
-    """Detect faces (OpenCV Haar) and restore each with GFPGAN; boxes go into lineage."""
+    """Detect faces (dlib CNN) and restore each with GFPGAN, keeping a restored face only if it is still the
+    same person (dlib ResNet identity distance); boxes, distances and decisions go into lineage."""
     if sources is None:
         return None
-    req = postedit.FaceRequest(face_size=ctx.prof.face_size, face=ctx.prof.face, sources=_inputs(sources))
+    post = _deliverable(campaign, name).post
+    threshold = post.identity_threshold or ctx.prof.identity_threshold
+    req = postedit.FaceRequest(face_size=ctx.prof.face_size, face=ctx.prof.face, detector=ctx.prof.face_detector,
+                               identity=ctx.prof.face_identity, identity_threshold=threshold,
+                               sources=_inputs(sources))
     return run_stage(ctx, postedit.FACE_RESTORE, req, campaign.brief.campaign, name)
 
 
@@ -389,6 +456,7 @@ def export_task(ctx: RunContext, campaign: Campaign, name: str, finals: list[Ref
     if finals is None:
         return None
     t0 = time.perf_counter()
+    blocked = _safety_gate_finals(ctx, campaign, name, finals)  # not exported; the run names them and exits 3
     out_dir = ctx.home / "outputs" / campaign.brief.campaign
     out_dir.mkdir(parents=True, exist_ok=True)
     signing = credentials.signing_config(ctx.home)
@@ -396,6 +464,8 @@ def export_task(ctx: RunContext, campaign: Campaign, name: str, finals: list[Ref
         docs = [metadata.doc_from_store(s, ref.key) for ref in finals]  # the document the PNG carries
     paths = []
     for n, (ref, doc) in enumerate(zip(finals, docs), start=1):
+        if ref.key in blocked:
+            continue
         target = out_dir / f"{name}-{n}{Path(ref.path).suffix}"
         if signing is not None:
             with ctx.store.sessions() as s:

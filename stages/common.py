@@ -12,8 +12,11 @@ from PIL import Image
 
 
 def load_rgb(path: Path) -> Image.Image:
+    """8-bit RGB as a person sees the file: first frame, EXIF rotation applied, 16-bit / CMYK / palette converted."""
+    from atelier.inputs import to_rgb
+
     with Image.open(path) as im:
-        return im.convert("RGB")
+        return to_rgb(im)
 
 
 def png_bytes(image: Image.Image, text: dict[str, str] | None = None, compress_level: int = 6) -> bytes:

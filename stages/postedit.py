@@ -3,9 +3,14 @@
 Three independent steps, each a plain function over its own request:
 - ``inpaint``: repaint the mask's white area with the inpaint pipeline (shared modules via
   ``from_pipe``, IP-Adapter style refs), then composite so pixels outside the mask equal the input.
-- ``restore_faces``: OpenCV Haar cascade finds faces (offline, no weights to download); each face is
-  cropped with margin, restored by the GFPGAN network at ``face_size``, and pasted back through a
-  feathered mask, so only the face regions change.
+  A ``remote`` model (``atelier.backends``: OpenAI image edits, Replicate / fal inpainting models) gets
+  one edit-with-mask request per image, ``batch_size`` in flight; its result is composited the same way
+  (hosted models may redraw the whole image) and records what was sent.
+- ``restore_faces``: a real face detector finds faces (dlib's CNN, weights inside a package; OpenCV Haar as
+  the documented fallback, ``atelier.faces``); each face is cropped with margin, restored by the GFPGAN
+  network at ``face_size`` and pasted back through a feathered mask, so only the face regions change. Then an
+  identity check: dlib's ResNet embeds the face before and after; a restored face farther than
+  ``identity_threshold`` from the original is not used (the original face stays, and the facts say so).
 - ``upscale``: Real-ESRGAN x4 with tiles (memory bounded by the tile, not the image), then a Lanczos
   cover-fit to the exact delivered size.
 """
@@ -14,22 +19,26 @@ from __future__ import annotations
 
 import contextlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
+from atelier import faces
 from atelier.models import Models, device
-from atelier.profiles import ModelSpec
-from stages.common import generators, load_rgb
+from atelier.profiles import FACE_DETECTOR, FACE_IDENTITY, ModelSpec
+from stages.common import generators, load_rgb, png_bytes
 from stages.prompts import prompt_kwargs
 from stages.protocol import Input, Output, Progress, Stage, parent, per_item, runtime, uses_model
 
-STAGE_VERSIONS = {"mask": 2, "inpaint": 2, "face_restore": 2, "upscale": 2}
-HAAR_CASCADE = "haarcascade_frontalface_default.xml"
-HAAR_DETECTOR = f"opencv-haar:{HAAR_CASCADE}"
+STAGE_VERSIONS = {"mask": 3, "inpaint": 2, "face_restore": 3, "upscale": 2}
+
+
+def _model(name: str, default: ModelSpec) -> Any:
+    """``uses_model(name)`` with a default (the face models are the same in every profile)."""
+    return field(default=default, metadata={"model": name})
 
 
 # ------------------------------------------------------------------------------------------ inpaint
@@ -49,16 +58,20 @@ def region_mask(size: tuple[int, int], region: tuple[float, float, float, float]
     return mask
 
 
-def face_mask(image: Image.Image, max_faces: int = 4, grow: float = 0.15) -> tuple[Image.Image, list]:
-    """An 'L' mask of ellipses over the faces OpenCV finds (each box grown by ``grow``), and the boxes."""
-    boxes = detect_faces(image, max_faces)
-    mask = Image.new("L", image.size, 0)
+def face_mask(size: tuple[int, int], boxes: list[tuple[int, int, int, int]], grow: float = 0.15) -> Image.Image:
+    """An 'L' mask of ellipses over the face ``boxes`` (x, y, w, h), each grown by ``grow``."""
+    w_img, h_img = size
+    mask = Image.new("L", size, 0)
     draw = ImageDraw.Draw(mask)
     for x, y, w, h in boxes:
         dx, dy = w * grow, h * grow
-        draw.ellipse([max(0, x - dx), max(0, y - dy), min(image.width - 1, x + w + dx), min(image.height - 1, y + h + dy)],
-                     fill=255)
-    return mask, boxes
+        draw.ellipse([max(0, x - dx), max(0, y - dy), min(w_img - 1, x + w + dx), min(h_img - 1, y + h + dy)], fill=255)
+    return mask
+
+
+def face_facts(detector: ModelSpec, found: list[faces.Face]) -> dict:
+    """What lineage records about detection: the boxes (largest first), their scores and the detector."""
+    return {"faces": [list(f.box) for f in found], "face_scores": [f.score for f in found], "detector": detector.name}
 
 
 # Masks are assets like any other: three ways to make one, each a stage with its own request.
@@ -85,7 +98,8 @@ class FileMaskRequest:
 class FaceMaskRequest:
     """One mask per image: ellipses over the faces found in it."""
 
-    detector: str = HAAR_DETECTOR
+    max_faces: int = 4  # per image, largest first
+    detector: ModelSpec = _model("detector", FACE_DETECTOR)
     sources: tuple[Input, ...] = per_item("source", role="source")
 
 
@@ -99,17 +113,18 @@ def file_masks(req: FileMaskRequest, models: Models, on_progress: Progress | Non
     data = Path(req.file).read_bytes()
     if hashlib.sha256(data).hexdigest() != req.sha256:
         raise ValueError(f"mask file {req.source} changed while the run was using it")
-    with Image.open(io.BytesIO(data)) as m:
-        return [Output(m.convert("L"))]
+    from atelier.inputs import decode
+
+    return [Output(decode(data, mask=True))]  # first frame, EXIF-upright, 16-bit scaled, transparent = keep
 
 
 def face_masks(req: FaceMaskRequest, models: Models, on_progress: Progress | None = None) -> list[Output]:
-    if req.detector != HAAR_DETECTOR:
-        raise ValueError(f"unknown face detector {req.detector!r}; known: {HAAR_DETECTOR}")
+    detector = models.face_detector(req.detector)
     out = []
     for n, src in enumerate(req.sources):
-        mask, boxes = face_mask(load_rgb(src.path))
-        out.append(Output(mask, {"faces": [list(b) for b in boxes]}))
+        image = load_rgb(src.path)
+        found = faces.detect(detector, image, req.max_faces)
+        out.append(Output(face_mask(image.size, [f.box for f in found]), face_facts(req.detector, found)))
         if on_progress:
             on_progress(n + 1, len(req.sources))
     return out
@@ -131,6 +146,8 @@ class InpaintRequest:
     sources: tuple[Input, ...] = per_item("source", role="source")
     masks: tuple[Input, ...] = per_item("mask", role="mask")  # one per source; white = repaint; resized to it
     seeds: tuple[int, ...] = per_item("seed")
+    batch_size: int = runtime(2)  # remote: requests in flight at once
+    budget: Any = runtime(None)  # a remote model's spending limit (``atelier.backends.costs.Budget``)
 
 
 def check_inpaint(req: InpaintRequest) -> None:
@@ -147,6 +164,8 @@ def check_inpaint(req: InpaintRequest) -> None:
 def inpaint(req: InpaintRequest, models: Models, on_progress: Progress | None = None) -> list[Output]:
     # 1. Check inputs
     check_inpaint(req)
+    if req.model.kind == "remote":
+        return _remote_inpaint(req, on_progress)
     # 2. Inpaint pipeline sharing the base modules, with IP-Adapter style refs
     pipe = models.pipeline(req.model, "inpaint", req.scheduler, ip_adapter=req.ip_adapter)
     pipe.set_ip_adapter_scale(req.ip_adapter_scale)
@@ -175,6 +194,33 @@ def inpaint(req: InpaintRequest, models: Models, on_progress: Progress | None = 
     return out
 
 
+def _remote_inpaint(req: InpaintRequest, on_progress: Progress | None) -> list[Output]:
+    """One edit-with-mask request per source (the source and its mask at the source's size, as PNG); the
+    result is resized back to the source's size and composited, so outside the mask it is the source."""
+    from atelier import backends
+
+    images = [load_rgb(src.path) for src in req.sources]
+    masks = []
+    for image, mask_in in zip(images, req.masks):
+        with Image.open(mask_in.path) as m:
+            masks.append(m.convert("L").resize(image.size, Image.Resampling.NEAREST))
+    refs = ()
+    if req.ip_adapter.kind == "remote":  # style references as extra input images, where the API takes them
+        refs = tuple(png_bytes(_thumbnail(load_rgb(r.path))) for r in req.style_refs)
+    w, h = images[0].size  # the size asked for (OpenAI sends its nearest); the inpainting models follow the image
+    made = backends.generate_items(req.model, req.prompt, req.negative, w, h, req.seeds,
+                                   inits=tuple(png_bytes(i) for i in images), strength=req.strength, references=refs,
+                                   masks=tuple(png_bytes(m) for m in masks), concurrency=req.batch_size,
+                                   context="inpaint", budget=req.budget, on_progress=on_progress)
+    return [Output(Image.composite(m.image().resize(image.size, Image.Resampling.LANCZOS), image, mask),
+                   {"remote": m.facts}) for image, mask, m in zip(images, masks, made)]
+
+
+def _thumbnail(im: Image.Image) -> Image.Image:
+    im.thumbnail((1024, 1024), Image.Resampling.LANCZOS)  # a reference's style survives; megabytes need not
+    return im
+
+
 # ------------------------------------------------------------------------------------- face restore
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,23 +228,11 @@ class FaceRequest:
     face_size: int  # the restorer's input/output size
     max_faces: int = 4  # per image, largest first
     margin: float = 0.5  # crop = face box grown by this fraction on each side
-    detector: str = HAAR_DETECTOR
+    identity_threshold: float = faces.SAME_PERSON  # a restored face farther from the original is not used
     face: ModelSpec = uses_model("face")
+    detector: ModelSpec = _model("detector", FACE_DETECTOR)
+    identity: ModelSpec = _model("identity", FACE_IDENTITY)
     sources: tuple[Input, ...] = per_item("source", role="source")
-
-
-def detect_faces(image: Image.Image, max_faces: int) -> list[tuple[int, int, int, int]]:
-    """Frontal faces with OpenCV's Haar cascade (ships with opencv-python < 5): (x, y, w, h) boxes."""
-    import cv2
-
-    cascade = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / HAAR_CASCADE))
-    if cascade.empty():
-        raise RuntimeError(f"OpenCV has no {HAAR_CASCADE}; install opencv-python<5 (5.x dropped the cascades)")
-    gray = cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2GRAY)
-    side = max(24, min(image.size) // 12)
-    found = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(side, side))
-    boxes = sorted((tuple(int(v) for v in b) for b in found), key=lambda b: -b[2] * b[3])
-    return boxes[:max_faces]
 
 
 def _restore_crop(net: Any, crop: Image.Image, size: int) -> Image.Image:
@@ -213,22 +247,28 @@ def _restore_crop(net: Any, crop: Image.Image, size: int) -> Image.Image:
 
 
 def restore_faces(req: FaceRequest, models: Models, on_progress: Progress | None = None) -> list[Output]:
-    """Each output records the detected faces (x, y, w, h), largest first, as its ``faces`` fact."""
+    """Each output records the detected faces (``faces``: x, y, w, h, largest first; ``face_scores``; ``detector``)
+    and, per face, its identity check (``identity``: the distance between the face before and after
+    restoration, and whether the restored face was used)."""
     # 1. Check inputs
     if req.max_faces < 1:
         raise ValueError(f"max_faces must be >= 1, got {req.max_faces}")
-    if req.detector != HAAR_DETECTOR:
-        raise ValueError(f"unknown face detector {req.detector!r}; known: {HAAR_DETECTOR}")
+    if not 0 < req.identity_threshold <= 2:
+        raise ValueError(f"identity_threshold must be in (0, 2] (distances between 128-d unit-ish vectors), "
+                         f"got {req.identity_threshold}")
+    detector = models.face_detector(req.detector)
     out = []
-    net = None
+    net = embedder = None
     for n, src in enumerate(req.sources):
         image = load_rgb(src.path)
         # 2. Detect
-        boxes = detect_faces(image, req.max_faces)
+        found = faces.detect(detector, image, req.max_faces)
         result = image.copy()
-        if boxes and net is None:
-            net = models.face_restorer(req.face)
-        for x, y, w, h in boxes:
+        if found and net is None:
+            net, embedder = models.face_restorer(req.face), models.face_embedder(req.identity)
+        checks = []
+        for f in found:
+            x, y, w, h = f.box
             # 3. Square crop with margin, clipped to the image
             cx, cy, side = x + w / 2, y + h / 2, max(w, h) * (1 + 2 * req.margin)
             box = (max(0, round(cx - side / 2)), max(0, round(cy - side / 2)),
@@ -239,8 +279,16 @@ def restore_faces(req: FaceRequest, models: Models, on_progress: Progress | None
             feather = max(2, min(crop.size) // 10)
             mask = Image.new("L", crop.size, 0)
             ImageDraw.Draw(mask).ellipse([feather, feather, crop.width - feather - 1, crop.height - feather - 1], fill=255)
-            result.paste(restored, box[:2], mask.filter(ImageFilter.GaussianBlur(feather / 2)))
-        out.append(Output(result, {"faces": [list(b) for b in boxes]}))
+            candidate = result.copy()
+            candidate.paste(restored, box[:2], mask.filter(ImageFilter.GaussianBlur(feather / 2)))
+            # 5. Identity check: the same person before and after, else the original face stays
+            dist = faces.distance(faces.embed(embedder, image, f.box), faces.embed(embedder, candidate, f.box))
+            used = dist <= req.identity_threshold
+            if used:
+                result = candidate
+            checks.append({"box": list(f.box), "distance": round(dist, 4), "restored": used})
+        out.append(Output(result, {**face_facts(req.detector, found), "identity": checks,
+                                   "identity_threshold": req.identity_threshold}))
         if on_progress:
             on_progress(n + 1, len(req.sources))
     return out

@@ -6,6 +6,8 @@ For draft i with L2-normalised CLIP image embedding x_i:
     base score      b_i = w_p * p_i + w_m * m_i
 Drafts are kept greedily by maximal marginal relevance (Carbonell & Goldstein, 1998): the next pick
 maximises b_i - w_d * max_{j kept} cos(x_i, x_j), so near-duplicates of a kept draft lose out.
+Drafts the safety gate flagged (``excluded``: open_nsfw at or above the brief's threshold, ``atelier.safety``)
+are scored like the others but never kept.
 Every draft's scores and the decision are returned, kept or not.
 """
 
@@ -21,7 +23,7 @@ from stages.common import embed_images, embed_texts, load_rgb
 from stages.moodboard import Moodboard
 from stages.protocol import Input, Stage, parent, uses_model
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: drafts the safety gate flagged are excluded
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +31,7 @@ class SelectRequest:
     prompt: str
     keep: int
     weights: tuple[float, float, float]  # prompt fit, mood-board fit, diversity
+    excluded: tuple[int, ...] = ()  # indices of drafts the safety gate flagged: never kept
     drafts: tuple[Input, ...] = parent("source")
     moodboard: Input = parent("moodboard")  # the mood-board .npz written by stage 1
     clip: ModelSpec = uses_model("clip")
@@ -42,6 +45,7 @@ class DraftScore:
     diversity_penalty: float
     total: float
     rank: int | None  # 1 = first kept; None = not kept
+    excluded: bool = False  # flagged by the safety gate
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,13 @@ class Selection:
 def check_inputs(req: SelectRequest) -> None:
     if not req.drafts:
         raise ValueError("no drafts to select from")
-    if not 1 <= req.keep <= len(req.drafts):
-        raise ValueError(f"keep must be 1..{len(req.drafts)} (the number of drafts), got {req.keep}")
+    if any(not 0 <= i < len(req.drafts) for i in req.excluded):
+        raise ValueError(f"excluded draft indices {list(req.excluded)} outside 0..{len(req.drafts) - 1}")
+    eligible = len(req.drafts) - len(set(req.excluded))
+    if eligible == 0:
+        raise ValueError(f"the safety gate flagged all {len(req.drafts)} drafts: nothing to select")
+    if not 1 <= req.keep <= eligible:
+        raise ValueError(f"keep must be 1..{eligible} (the drafts not flagged by the safety gate), got {req.keep}")
 
 
 def mmr(base: np.ndarray, sim: np.ndarray, keep: int, diversity: float) -> tuple[list[int], np.ndarray]:
@@ -89,11 +98,14 @@ def select_drafts(req: SelectRequest, models: Models) -> Selection:
     p = x @ t  # (N,)
     m = x @ board.centroid  # (N,)
     base = w_p * p + w_m * m
-    # 4. Pick greedily with a diversity penalty
-    kept, penalty = mmr(base, x @ x.T, req.keep, w_d)
+    # 4. Pick greedily with a diversity penalty, never a draft the safety gate flagged
+    eligible = base.copy()
+    eligible[list(req.excluded)] = -np.inf
+    kept, penalty = mmr(eligible, x @ x.T, req.keep, w_d)
     rank = {k: n + 1 for n, k in enumerate(kept)}
     scores = tuple(
-        DraftScore(i, float(p[i]), float(m[i]), float(penalty[i]), float(base[i] - penalty[i]), rank.get(i))
+        DraftScore(i, float(p[i]), float(m[i]), float(penalty[i]), float(base[i] - penalty[i]), rank.get(i),
+                   i in req.excluded)
         for i in range(len(req.drafts))
     )
     return Selection(scores, tuple(kept))

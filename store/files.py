@@ -50,17 +50,25 @@ class AssetFiles:
         return (self.home / rel_path).exists()
 
     def stage(self, data: bytes, suffix: str) -> Staged:
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        """``data`` in a new temp file, fsync'd. On an error (a full disk) nothing is left behind."""
         sha = hashlib.sha256(data).hexdigest()
+        rel = f"assets/{sha[:2]}/{sha}{suffix}"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        # The folder publish() moves the file into, made now: after the commit, a full disk must not stop the move.
+        (self.home / rel).parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix=f"{sha}.", suffix=suffix)
-        # mkstemp makes 0600 and asset files are meant to be shared. chmod the descriptor, not the path: once
-        # written, the file may already be moved into place by another save() (see find_staged).
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return Staged(Path(tmp), sha, f"assets/{sha[:2]}/{sha}{suffix}")
+        try:
+            # mkstemp makes 0600 and asset files are meant to be shared. chmod the descriptor, not the path: once
+            # written, the file may already be moved into place by another save() (see find_staged).
+            os.fchmod(fd, 0o644)
+            _write_all(fd, data)
+            os.fsync(fd)  # where a full disk may show only now (delayed allocation, network file systems)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        return Staged(Path(tmp), sha, rel)
 
     def publish(self, staged: Staged) -> Path:
         final = self.home / staged.rel_path
@@ -130,6 +138,13 @@ class AssetFiles:
         return str(target.relative_to(self.home))
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until all of ``data`` is written (a write may take only part of it, as when a disk fills)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -185,7 +200,11 @@ class FsspecFiles:
         rel = f"assets/{sha[:2]}/{sha}{suffix}"
         tmp = f"{self.tmp_dir}/{sha}.{uuid.uuid4().hex[:12]}{suffix}"
         self.fs.makedirs(self.tmp_dir, exist_ok=True)
-        self.fs.pipe_file(tmp, data)
+        try:
+            self.fs.pipe_file(tmp, data)
+        except BaseException:
+            self.discard(Staged(tmp, sha, rel))  # a part written before a full disk, say
+            raise
         # These bytes have this hash whatever happens to the rows: caching them now saves a download later.
         local = self.cache / rel.removeprefix("assets/")
         if not local.exists():

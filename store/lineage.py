@@ -6,6 +6,8 @@ files (never referenced); a crash after it leaves rows whose files are still in 
 ``store.queries.existing`` treats such assets as missing, so the next run recomputes them, and its
 ``save()`` moves the committed bytes into place (so lineage keeps the bytes first recorded) or, if they
 are gone, points the row at the new file. ``atelier doctor`` finds and repairs what a crash leaves.
+Ctrl-C and SIGTERM wait for a ``save()`` to finish (``atelier.interrupts.deferred``): an interrupted run
+leaves no such debris, only its status, ``cancelled``. A write that fails (a full disk) removes its temp files.
 
 Crash tests kill the process inside ``save()`` on purpose: ``ATELIER_FAULT=<point>`` with
 ``ATELIER_FAULT_AFTER=N`` sends SIGKILL to this process at ``<point>`` of its N-th ``save()`` call (see
@@ -30,6 +32,7 @@ from pathlib import Path
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from atelier import interrupts
 from store.db import Store
 from store.files import Staged
 from store.schema import Asset, Edge, Gate, Rating, Review, Run, RunAsset, Score, StageRun
@@ -89,10 +92,17 @@ def save(store: Store, run_id: str, assets: Sequence[NewAsset], scores: Sequence
     overlapping batches take their row locks in the same order and cannot deadlock.
     """
     call = store.count_save()
-    staged = [store.files.stage(a.data, a.suffix) for a in assets]
-    _fault("after-stage", call)
+    with interrupts.deferred():  # Ctrl-C / SIGTERM wait for the files to be in place (milliseconds)
+        return _save(store, call, run_id, assets, scores)
+
+
+def _save(store: Store, call: int, run_id: str, assets: Sequence[NewAsset], scores: Sequence[NewScore]) -> dict[str, str]:
+    staged: list[Staged] = []
     publish, drop = [], []  # temp files to move into place / to delete after the commit
     try:
+        for a in assets:
+            staged.append(_stage(store, a))
+        _fault("after-stage", call)
         with store.sessions.begin() as s:
             for a, st in sorted(zip(assets, staged), key=lambda pair: pair[0].key):
                 if _insert_new(s, Asset, dict(
@@ -125,6 +135,18 @@ def save(store: Store, run_id: str, assets: Sequence[NewAsset], scores: Sequence
     for st in drop:
         store.files.discard(st)
     return {a.key: st.sha256 for a, st in zip(assets, staged)}
+
+
+def _stage(store: Store, a: NewAsset) -> Staged:
+    """``a``'s bytes in a temp file; an error names the asset (a full disk fails the run with this line)."""
+    try:
+        return store.files.stage(a.data, a.suffix)
+    except OSError as exc:
+        what = (f"could not write the {a.stage} asset {a.key} of {a.deliverable or 'the campaign'} "
+                f"({len(a.data):,} bytes) to {store.files.location}")
+        if exc.errno is None:
+            raise OSError(f"{exc}: {what}") from exc
+        raise OSError(exc.errno, f"{exc.strerror}: {what}") from exc  # the same OSError subclass, by errno
 
 
 def _insert(s: Session):
@@ -202,6 +224,24 @@ def mark_final(store: Store, run_id: str, key: str, export_path: str) -> None:
         ra.export_path = export_path
 
 
+def record_safety(store: Store, run_id: str, deliverable: str, decisions: Sequence[dict]) -> None:
+    """The safety gate's decisions (each: key, of = draft | final, nsfw score, threshold, mode, decision: pass |
+    excluded for drafts, pass | flag | block for finals) in the run's ``info["safety"][deliverable][key]``: a
+    blocked final is not exported, and this is where the run says why."""
+    with store.sessions.begin() as s:
+        run = s.get(Run, run_id, with_for_update=True, populate_existing=True)
+        info = dict(run.info or {})
+        mine = {**(info.get("safety") or {}).get(deliverable, {}), **{x["key"]: dict(x) for x in decisions}}
+        info["safety"] = {**(info.get("safety") or {}), deliverable: mine}
+        run.info = info
+
+
+def safety_blocked(run: Run) -> list[dict]:
+    """The finals of ``run`` the safety gate blocked (not exported), with their deliverable."""
+    return [{"deliverable": name, **x} for name, xs in ((run.info or {}).get("safety") or {}).items()
+            for x in xs.values() if x.get("of") == "final" and x.get("decision") == "block"]
+
+
 def start_run(store: Store, run_id: str, campaign: str, brief_path: str, brief_sha256: str, profile: str,
               info: dict, resume: bool = False) -> None:
     """Record a run as "running", with the process that runs it (``atelier doctor`` finds dead ones).
@@ -229,17 +269,31 @@ def process_start(pid: int) -> int | None:
 
 
 def finish_run(store: Store, run_id: str, error: str | None = None, device: str | None = None,
-               info: dict | None = None) -> None:
-    """Record a run's end; ``info`` (e.g. the process's counters) is merged into the run's ``info``."""
-    with store.sessions.begin() as s:
+               info: dict | None = None, cancelled: str | None = None) -> None:
+    """Record a run's end; ``info`` (e.g. the process's counters) is merged into the run's ``info``.
+    ``error``: it failed; ``cancelled``: it was interrupted (why: "interrupted by SIGINT")."""
+    with interrupts.deferred(), store.sessions.begin() as s:  # a second Ctrl-C waits for this row
         run = s.get(Run, run_id)
         pending = pending_gates(s, run_id)
-        run.status = "failed" if error else AWAITING if pending else "completed"
-        run.error = error
+        run.status = CANCELLED if cancelled else "failed" if error else AWAITING if pending else "completed"
+        run.error = cancelled or error
         run.finished_at = utcnow()
         extra = {**(info or {}), **({"device": device} if device is not None else {})}
         if extra:
             run.info = {**(run.info or {}), **extra}
+
+
+def cancel_run(store: Store, run_id: str, reason: str) -> bool:
+    """Run ``run_id``, still "running" in this very process, was interrupted before it could say so itself
+    (the signal came while the flow started or ended): cancelled. False if it is not such a run."""
+    with interrupts.deferred(), store.sessions.begin() as s:
+        run = s.get(Run, run_id)
+        info = (run.info or {}) if run is not None else {}
+        if run is None or run.status != "running" or info.get("pid") != os.getpid() or (
+                info.get("host") != socket.gethostname()):
+            return False
+        run.status, run.finished_at, run.error = CANCELLED, utcnow(), reason
+        return True
 
 
 def record_stage(store: Store, run_id: str, deliverable: str | None, stage: str, seconds: float,
@@ -255,6 +309,7 @@ def scores_for(session: Session, decision: str) -> list[Score]:
 
 # ----------------------------------------------------------------------------- review gates and ratings
 AWAITING = "awaiting review"  # a run's status when it stopped at a gate no person has decided yet
+CANCELLED = "cancelled"  # stopped by Ctrl-C or SIGTERM: what it stored is kept; `atelier resume` continues it
 
 
 def record_gate(store: Store, run_id: str, decision: str, deliverable: str, round_no: int,

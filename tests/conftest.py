@@ -13,6 +13,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# `atelier run` in a test (and in the processes tests start) keeps Prefect's temporary server, as before
+# `atelier server`: no test leaves a lasting server behind. tests/test_server.py removes it to test that server.
+os.environ.setdefault("ATELIER_EPHEMERAL", "1")
 
 from atelier import compat  # noqa: E402
 

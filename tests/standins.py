@@ -12,6 +12,8 @@ error bodies) and answers with real PNG bytes made by PIL, so the real client co
   ``/delivery/`` path that can be made to expire;
 - ``FalStandIn``: fal's queue over HTTPS (``POST /{app}``, ``GET .../requests/{id}/status`` IN_QUEUE ->
   COMPLETED, ``GET .../requests/{id}``, ``PUT .../cancel``), results with ``has_nsfw_concepts``;
+- ``TogetherStandIn``: ``POST /v1/images/generations`` (JSON), ``{"id", "model", "object": "list", "data":
+  [{"index", "type": "b64_json", "b64_json"}|{"index", "type": "url", "url"}]}``, errors in OpenAI's shape;
 - ``ComfyUIStandIn``: ``POST /prompt`` (``node_errors`` on an unknown node class), the ``/ws?clientId=``
   WebSocket (``execution_start``, ``executing``, ``progress``, then ``executing`` with no node or
   ``execution_error``), ``GET /history/{id}`` (empty while running), ``GET /view``, ``POST /upload/image``,
@@ -20,7 +22,9 @@ error bodies) and answers with real PNG bytes made by PIL, so the real client co
 Failure modes are queued with ``fault(kind, ...)`` and hit the next API request (file downloads only
 by ``expire``): ``429`` (with ``Retry-After``), ``500``, ``malformed`` (a 200 whose body is not JSON),
 ``slow`` (answers after ``delay`` seconds). A prompt containing ``FORBIDDEN`` is refused by moderation.
-Every request is logged in ``requests`` (method, path, headers, parsed body) for tests to inspect.
+Every request is logged in ``requests`` (method, path, headers, parsed body) for tests to inspect;
+``latency`` makes every API request take that long, and ``max_in_flight`` is the most API requests the
+stand-in was answering at one time (how a concurrency bound is seen from the provider's side).
 """
 
 from __future__ import annotations
@@ -54,6 +58,14 @@ def png_bytes(width: int, height: int, text: str = "", fmt: str = "PNG") -> byte
     buf = io.BytesIO()
     im.save(buf, fmt)
     return buf.getvalue()
+
+
+def image_size(data: bytes | str) -> tuple[int, int, str]:
+    """(width, height, PIL mode) of image bytes or a ``data:`` URI: what an API checks of an input image."""
+    if isinstance(data, str):
+        data = base64.b64decode(data.split(",", 1)[1])
+    with Image.open(io.BytesIO(data)) as im:
+        return im.width, im.height, im.mode
 
 
 @dataclass
@@ -194,6 +206,9 @@ class StandIn:
     lock: threading.Lock = field(default_factory=threading.Lock)
     sockets: dict = field(default_factory=dict)  # client id -> queue of events for its WebSocket
     closing: bool = False
+    latency: float = 0.0  # seconds every API request takes before it is answered
+    in_flight: int = 0
+    max_in_flight: int = 0
 
     def __post_init__(self) -> None:  # subclasses set up their own state
         pass
@@ -242,6 +257,17 @@ class StandIn:
             if self.expired or path not in self.files:
                 return 404, {"Content-Type": "text/plain"}, b"Not Found"
             return 200, {"Content-Type": "image/png"}, self.files[path]
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            time.sleep(self.latency)
+            return self._route_api(method, path, query, body, headers)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def _route_api(self, method: str, path: str, query: dict, body: Any, headers: dict) -> tuple[int, dict, Any]:
         with self.lock:
             fault = next((f for f in self.faults if path.startswith(f.path)), None)
             if fault:
@@ -304,6 +330,13 @@ class OpenAIStandIn(StandIn):
             return 400, rid, {"error": {"message": "Your request was rejected as a result of our safety system. Your request "
                                         "may contain content that is not allowed by our safety system.",
                                         "type": "image_generation_user_error", "param": None, "code": "moderation_blocked"}}
+        if "mask" in body:  # the API's rules: a PNG with an alpha channel, the first image's size
+            first = body["image"] if "image" in body else body["image[]"][0]
+            mw, mh, mode = image_size(body["mask"]["content"])
+            if mode not in ("RGBA", "LA") or (mw, mh) != image_size(first["content"])[:2]:
+                return 400, rid, {"error": {"message": "Invalid mask image format - mask size does not match image size "
+                                            "or has no alpha channel", "type": "invalid_request_error", "param": "mask",
+                                            "code": "invalid_image_format"}}
         width, height = (int(x) for x in str(body.get("size", "1024x1024")).split("x"))
         n = int(body.get("n", 1))
         images = [png_bytes(width, height, f"{prompt}/{i}") for i in range(n)]
@@ -403,6 +436,11 @@ class ReplicateStandIn(StandIn):
         w, h = (int(x) for x in str(inp.get("aspect_ratio", "1:1")).replace("custom", "1:1").split(":"))
         scale = 64 // max(w, h) or 1
         size = (w * scale * 4, h * scale * 4)  # small images: tests stay fast
+        if "mask" in inp:  # an inpainting model (FLUX Fill): the output has the input image's size
+            size = image_size(inp["image"])[:2]
+            if image_size(inp["mask"])[:2] != size:
+                pred.update(status="failed", completed_at=_now(), error="mask and image must have the same size")
+                return
         n = int(inp.get("num_outputs", 1))
         fmt = str(inp.get("output_format", "webp")).lower()
         ext = {"jpg": "jpg", "jpeg": "jpg", "png": "png"}.get(fmt, "webp")
@@ -420,6 +458,51 @@ def _now() -> str:
 
 def _public(pred: dict) -> dict:
     return {k: v for k, v in pred.items() if not k.startswith("_")}
+
+
+# ------------------------------------------------------------------------------------------ Together
+class TogetherStandIn(StandIn):
+    """``base_url`` for the client: ``stand.url``. Together's error text for a moderation refusal is not
+    documented: this one answers 422 with a message naming NSFW content, as the API's safety checker does."""
+
+    def throttled(self) -> Any:
+        return {"error": {"message": "You have reached the rate limit specific to this model.", "type": "rate_limit",
+                          "param": None, "code": "rate_limit_exceeded"}}
+
+    def server_error(self) -> Any:
+        return {"error": {"message": "Internal server error", "type": "server_error", "param": None, "code": None}}
+
+    def api(self, method: str, path: str, query: dict, body: Any, headers: dict) -> tuple[int, dict, Any]:
+        if headers.get("authorization") != f"Bearer {self.key}":
+            sent = headers.get("authorization", "").removeprefix("Bearer ")
+            return 401, {}, {"error": {"message": f"Invalid API key provided. You can find your API key at the settings. "
+                                                  f"(got {sent})", "type": "invalid_request_error", "param": None,
+                                       "code": "invalid_api_key"}}
+        if method != "POST" or path != "/v1/images/generations":
+            return 404, {}, {"error": {"message": f"Not found: {method} {path}", "type": "invalid_request_error",
+                                       "param": None, "code": None}}
+        prompt, model = str(body.get("prompt", "")), str(body.get("model", ""))
+        if not prompt or not model:
+            return 400, {}, {"error": {"message": "prompt and model are required", "type": "invalid_request_error",
+                                       "param": "prompt" if not prompt else "model", "code": None}}
+        width, height = int(body.get("width", 1024)), int(body.get("height", 768))
+        if width % 16 or height % 16 or not (64 <= width <= 1792 and 64 <= height <= 1792):
+            return 400, {}, {"error": {"message": f"width and height must be multiples of 16 between 64 and 1792, got "
+                                                  f"{width}x{height}", "type": "invalid_request_error", "param": "width",
+                                       "code": None}}
+        if REFUSE_WORD in prompt:
+            return 422, {}, {"error": {"message": "Your prompt was flagged as NSFW content by the safety checker. Please "
+                                                  "modify your prompt.", "type": "invalid_request_error", "param": "prompt",
+                                       "code": None}}
+        fmt = "JPEG" if body.get("output_format", "jpeg") == "jpeg" else "PNG"
+        seed, n = body.get("seed"), int(body.get("n", 1))
+        images = [png_bytes(width, height, f"{prompt}/{seed}/{body.get('image_url', '')[:64]}/{i}", fmt) for i in range(n)]
+        if body.get("response_format", "url") == "base64":
+            data = [{"index": i, "type": "b64_json", "b64_json": base64.b64encode(im).decode()} for i, im in enumerate(images)]
+        else:
+            data = [{"index": i, "type": "url", "url": self.serve_file(f"/files/{uuid.uuid4().hex}.{fmt.lower()}", im)}
+                    for i, im in enumerate(images)]
+        return 200, {}, {"id": f"{uuid.uuid4().hex[:16]}-LAX", "model": model, "object": "list", "data": data}
 
 
 # ------------------------------------------------------------------------------------------ ComfyUI
@@ -594,6 +677,11 @@ class FalStandIn(StandIn):
         base = f"{self.url}/{parts[0]}/{parts[1]}/requests/{rid}"
         size = body.get("image_size") or {"width": 1024, "height": 768}
         width, height = (size["width"], size["height"]) if isinstance(size, dict) else (1024, 768)
+        if "mask_url" in body:  # an inpainting endpoint: the output has the input image's size
+            width, height, _ = image_size(body["image_url"])
+            if image_size(body["mask_url"])[:2] != (width, height):
+                return 422, {}, {"detail": [{"loc": ["body", "mask_url"], "msg": "mask and image sizes differ",
+                                             "type": "value_error"}]}
         n = int(body.get("num_images", 1))
         flagged = REFUSE_WORD in prompt
         images = [{"url": self.serve_file(f"/files/{rid}-{i}.png", png_bytes(width, height, "" if flagged else f"{prompt}/{i}")),

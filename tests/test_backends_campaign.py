@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from atelier.cli import app
 from store import open_store
-from store.schema import Asset
+from store.schema import Asset, Edge
 from tests.conftest import with_refs, write_brief
 from tests.standins import OpenAIStandIn, ReplicateStandIn
 
@@ -231,3 +231,54 @@ def test_a_budget_stops_cleanly_and_a_rerun_with_more_pays_only_for_the_rest(pre
     assert dol["saved_by_reuse"] == pytest.approx(0.009)
     assert dol["usd"] == pytest.approx(2 * 0.003 + 2 * 0.063 + 0.042)
     assert dol["by_stage"] == {"draft": pytest.approx(0.006), "refine": pytest.approx(0.168)}
+
+
+TOGETHER_KEY = "tgp_v1_atelierFAKEcampaign8e6c4a2f"
+INPAINT_BRIEF = BRIEF.replace("profile: hosted", "profile: hosted-together").replace(
+    "    size: 320x180\n",
+    '    size: 320x180\n    post:\n      inpaint: {region: [0.7, 0.0, 0.3, 0.2], prompt: "plain wall"}\n', 1)
+
+
+def test_together_drafts_openai_refine_and_replicate_inpaint(prefect_server, tmp_path, monkeypatch):
+    """Three backends in one campaign (``hosted-together``): lineage records each inpaint's request, outside the
+    mask the inpainted image is its refine exactly, a re-run sends nothing, and no key is on disk."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.standins import TogetherStandIn
+
+    with OpenAIStandIn(OPENAI_KEY) as o, ReplicateStandIn(REPLICATE_KEY) as r, TogetherStandIn(TOGETHER_KEY) as t:
+        for var, value in (("OPENAI_API_KEY", OPENAI_KEY), ("REPLICATE_API_TOKEN", REPLICATE_KEY),
+                           ("TOGETHER_API_KEY", TOGETHER_KEY), ("OPENAI_BASE_URL", o.url + "/v1"),
+                           ("REPLICATE_BASE_URL", r.url), ("TOGETHER_BASE_URL", t.url)):
+            monkeypatch.setenv(var, value)
+        folder = with_refs(tmp_path / "brief", ("coffee.jpg",))
+        brief = write_brief(folder, INPAINT_BRIEF)
+        home = tmp_path / "home"
+        counts = []
+        for _ in range(2):
+            res = CliRunner().invoke(app, ["run", str(brief), "--home", str(home), "--no-report"])
+            assert res.exit_code == 0, res.output
+            counts.append((len(t.api_requests()), len(o.api_requests()), len(r.api_requests())))
+        assert counts == [(5, 3, 2)] * 2  # 3 + 2 drafts, 2 + 1 refines, hero's 2 inpaints; then nothing
+    store = open_store(home)
+    with store.sessions() as s:
+        assets = {a.key: a for a in s.scalars(select(Asset)).all()}
+        edges = s.scalars(select(Edge)).all()
+        inpaints = [a for a in assets.values() if a.stage == "inpaint"]
+        assert len(inpaints) == 2 and all(a.deliverable == "hero" for a in inpaints)
+        for a in inpaints:
+            facts = a.params["remote"]
+            assert facts["backend"] == "replicate" and facts["model"] == "black-forest-labs/flux-fill-pro"
+            assert facts["request_id"] and facts["usd"] == 0.05 and facts["params_sent"]["input"]["mask"].startswith("<mask")
+            assert a.model["pipeline"]["source"] == "replicate:black-forest-labs/flux-fill-pro"
+            parents = {e.role: assets[e.parent] for e in edges if e.child == a.key}
+            src, mask = parents["source"], parents["mask"]
+            assert src.stage == "refine" and (a.width, a.height) == (src.width, src.height)
+            img, before = (np.asarray(Image.open(store.files.path(x.path)).convert("RGB"), dtype=np.int16) for x in (a, src))
+            keep = np.asarray(Image.open(store.files.path(mask.path)).convert("L").resize((a.width, a.height))) < 128
+            assert np.array_equal(img[keep], before[keep]) and not np.array_equal(img[~keep], before[~keep])
+        drafts = [a for a in assets.values() if a.stage == "draft"]
+        assert len(drafts) == 5 and all(a.params["remote"]["backend"] == "together" for a in drafts)
+    files = [p for p in home.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert not [p for p in files if TOGETHER_KEY.encode() in p.read_bytes() or REPLICATE_KEY.encode() in p.read_bytes()]

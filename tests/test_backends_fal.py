@@ -138,3 +138,34 @@ def test_fal_malformed_json(fal):
     with pytest.raises(B.BackendError) as err:
         run(target(), B.RemoteRequest("a boat", width=64, height=64))
     assert err.value.kind == "malformed" and FAL_KEY not in str(err.value)
+
+
+def test_fal_inpainting_sends_image_and_mask_and_the_stage_composites(fal, tmp_path):
+    """An inpainting endpoint through the post-edit stage: image + mask as data URIs, no image_size (the output
+    follows the image), the strength; outside the mask the result is the source, byte for byte in pixels."""
+    import numpy as np
+    from PIL import Image
+
+    from atelier.profiles import PROFILES, ModelSpec
+    from stages import postedit
+    from stages.protocol import Input
+
+    src, mask = tmp_path / "source.png", tmp_path / "mask.png"
+    src.write_bytes(png_bytes(80, 48, "source"))
+    m = Image.new("L", (80, 48), 0)
+    m.paste(255, (0, 0, 20, 48))
+    m.save(mask)
+    spec = ModelSpec("flux-inpaint-fal", "remote", "fal:fal-ai/flux-lora/inpainting", options=(("poll_interval", 0.02),))
+    req = postedit.InpaintRequest(prompt="plain wall", negative="", steps=1, guidance=0.0, strength=0.9, scheduler="euler",
+                                  ip_adapter_scale=0.6, multiple=16, model=spec, ip_adapter=PROFILES["micro"].ip_adapter,
+                                  style_refs=(), sources=(Input("s", src),), masks=(Input("m", mask),), seeds=(4,))
+    [out] = postedit.inpaint(req, models=None)
+    body = next(r for r in fal.api_requests() if r.method == "POST").body
+    assert body["image_url"].startswith("data:image/png;base64,") and body["mask_url"].startswith("data:image/png;base64,")
+    assert "image_size" not in body and body["strength"] == 0.9 and body["seed"] == 4
+    a, b = (np.asarray(im.convert("RGB"), dtype=np.int16) for im in (Image.open(src), out.image))
+    keep = np.asarray(m) == 0
+    assert np.array_equal(a[keep], b[keep]) and np.abs(a[~keep] - b[~keep]).mean() > 10
+    f = out.facts["remote"]
+    assert f["params_sent"]["arguments"]["mask_url"].startswith("<mask, ") and f["size"] == [80, 48]
+    assert f["usd"] == pytest.approx(0.035 * 80 * 48 / 1e6, abs=1e-6)

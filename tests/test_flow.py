@@ -148,7 +148,8 @@ def test_report_json_lists_stages_and_deliverables(e2e) -> None:
     assert len(hero["draft"]) == 4
     assert sum(1 for d in hero["draft"] if d["kept"]) == 2
     assert {d["rank"] for d in hero["draft"] if d["kept"]} == {1, 2}
-    assert set(hero["stages"]) == {"draft", "select", "refine", "mask", "inpaint", "face_restore", "upscale"}
+    assert set(hero["stages"]) == {"draft", "select", "refine", "mask", "inpaint", "face_restore", "upscale",
+                                   "safety"}  # the safety gate scores drafts and finals
     text = e2e["runner"].invoke(app, ["report", "--home", str(e2e["home"])], env={"COLUMNS": "200"}).output
     assert "random-weight test models" in text and "kept #1" in text and "kept #2" in text
 

@@ -46,7 +46,7 @@ REQUESTS: list[tuple[Stage, object]] = [
     (moodboard.STAGE, moodboard.MoodboardRequest(max_style_refs=4, references=_in("ref", 3), clip=CLIP)),
     (vary.STAGE, vary.VaryRequest(prompt="p", negative="n", width=64, height=64, steps=4, guidance=1.0, strength=0.5,
                                   scheduler="lcm", round=1, model=SD, inits=_in("kept"), seeds=(7, 8), variations=(0, 1))),
-    (select.STAGE, select.SelectRequest(prompt="p", keep=2, weights=(1.0, 0.5, 0.3), drafts=_in("d", 4),
+    (select.STAGE, select.SelectRequest(prompt="p", keep=2, weights=(1.0, 0.5, 0.3), drafts=_in("d", 4), excluded=(3,),
                                         moodboard=Input("board", Path("/files/board.npz")), clip=CLIP)),
 ]
 IDS = [f"{type(r).__name__}" for _, r in REQUESTS]

@@ -63,6 +63,25 @@ def test_a_store_made_before_migrations_is_adopted_as_the_baseline(tmp_path) -> 
         assert current_revision(s.connection()) == head_revision()
 
 
+def test_revisions_read_without_alembic_agree_with_alembic(tmp_path) -> None:
+    """``open_store`` compares revisions without importing Alembic (every command pays that import otherwise):
+    the head read from the migration files' text and the row read with plain SQL are Alembic's own."""
+    from alembic.script import ScriptDirectory
+
+    from store.db import alembic_config
+
+    assert head_revision() == ScriptDirectory.from_config(alembic_config()).get_current_head()
+    home = tmp_path / "home"
+    home.mkdir()
+    with create_engine(f"sqlite:///{home / 'lineage.db'}").connect() as conn:
+        assert current_revision(conn) is None  # an empty database: never stamped
+    with open_store(home).sessions() as s:
+        assert current_revision(s.connection()) == MigrationContext.configure(s.connection()).get_current_revision()
+    code = ("import sys; from store import open_store; open_store(sys.argv[1]); "
+            "assert 'alembic' not in sys.modules, 'a store at head imported alembic'")
+    subprocess.run([sys.executable, "-c", code, str(home)], check=True, cwd=Path(__file__).parent.parent)
+
+
 def test_migrations_ship_inside_the_package() -> None:
     import store
 

@@ -2,15 +2,17 @@
 
 A ``ModelSpec`` of kind ``remote`` names its backend in ``source``: ``openai:gpt-image-1``,
 ``replicate:black-forest-labs/flux-schnell`` (or ``owner/name:version``), ``fal:fal-ai/flux/schnell``,
-``comfyui:http://host:8188`` (with a workflow in its options). ``generate(target, req)`` makes the images,
-retrying rate limits and server errors under a ``RetryPolicy``, and returns each image's bytes with the
-facts lineage records.
+``together:black-forest-labs/FLUX.1-schnell``, ``comfyui:http://host:8188`` (with a workflow in its
+options). ``generate(target, req)`` makes the images, retrying rate limits and server errors under a
+``RetryPolicy``, and returns each image's bytes with the facts lineage records.
 
-Keys come from the environment only (``OPENAI_API_KEY``, ``REPLICATE_API_TOKEN``, ``FAL_KEY``, or a file
-named in ``<VAR>_FILE``), are handed to the official client for the one call, and are never part of a fact, a
-key, a log line or an error message. Endpoints: the official clients' own settings (``OPENAI_BASE_URL``,
-``REPLICATE_BASE_URL``, ``FAL_QUEUE_RUN_HOST``), ``ATELIER_COMFYUI_URL`` over a ComfyUI spec's URL, or
-``Target.base_url``.
+Keys come from the environment only (``OPENAI_API_KEY``, ``REPLICATE_API_TOKEN``, ``FAL_KEY``,
+``TOGETHER_API_KEY``, or a file named in ``<VAR>_FILE``), are handed to the official client for the one
+call, and are never part of a fact, a key, a log line or an error message. Endpoints: the official clients'
+own settings (``OPENAI_BASE_URL``, ``REPLICATE_BASE_URL``, ``FAL_QUEUE_RUN_HOST``, ``TOGETHER_BASE_URL``),
+``ATELIER_COMFYUI_URL`` over a ComfyUI spec's URL, or ``Target.base_url``.
+
+Requests in flight per backend are bounded across threads and processes (``limits``: ``ATELIER_CONCURRENCY``).
 
 Midjourney has no API and its terms forbid automation: there is no backend for it.
 """
@@ -42,6 +44,7 @@ BACKENDS = {
     "replicate": "atelier.backends.replicate_predictions",
     "comfyui": "atelier.backends.comfyui",
     "fal": "atelier.backends.fal_queue",
+    "together": "atelier.backends.together_images",
 }
 BASE_URL_ENV = {"comfyui": "ATELIER_COMFYUI_URL"}  # the official clients read their own (OPENAI_BASE_URL, ...)
 RUNTIME_OPTIONS = {"poll_interval", "timeout", "attempts", "websocket"}  # how a request is made, not what it makes: not in keys
@@ -91,12 +94,24 @@ def generate(target: Target, req: RemoteRequest, policy: RetryPolicy = RetryPoli
              sleep: Callable[[float], None] | None = None) -> list[RemoteImage]:
     """The images ``req`` asks of ``target``, retried under ``policy``; a failure is one ``BackendError`` line.
 
-    ``context`` (e.g. the deliverable) is named in the error. Results are bytes, already downloaded.
+    ``context`` (e.g. the deliverable) is named in the error. Results are bytes, already downloaded. Each
+    attempt holds one of the backend's slots (``limits``) while it is in flight; the waits between do not.
     """
+    from atelier.backends import limits
+
     module = backend_module(target.backend)
     kw = {"sleep": sleep} if sleep else {}
     try:
-        return with_retries(lambda: module.generate(target, req), policy, on_retry=on_retry, **kw)
+        bound = limits.bounds(list(BACKENDS))[target.backend]
+    except ValueError as exc:
+        raise BackendError(target.backend, target.model, "config", str(exc), context=context) from None
+
+    def attempt() -> list[RemoteImage]:
+        with limits.slot(target.backend, bound):
+            return module.generate(target, req)
+
+    try:
+        return with_retries(attempt, policy, on_retry=on_retry, **kw)
     except BackendError as exc:
         raise (exc.for_context(context) if context else exc) from None
 
@@ -144,11 +159,12 @@ def identity(spec: Any) -> dict:
 
 def generate_items(spec: Any, prompt: str, negative: str, width: int, height: int, seeds: tuple[int, ...], *,
                    inits: tuple[bytes, ...] = (), strength: float | None = None, references: tuple[bytes, ...] = (),
-                   concurrency: int = 4, context: str = "", budget: Any = None,
+                   masks: tuple[bytes, ...] = (), concurrency: int = 4, context: str = "", budget: Any = None,
                    on_progress: Callable[[int, int], None] | None = None) -> list[RemoteImage]:
-    """One image per seed (and init image, for image to image) from the remote model ``spec``, one request
-    each, up to ``concurrency`` in flight; in seed order. Any failure fails the call (nothing half-made is
-    returned, so nothing half-made is recorded). ``budget`` (``costs.Budget``) reserves the estimates of all
+    """One image per seed (and init image, for image to image; and mask, for inpaint) from the remote model
+    ``spec``, one request each, up to ``concurrency`` in flight (and never more than the backend's bound,
+    ``limits``); in seed order. Any failure fails the call (nothing half-made is returned, so nothing
+    half-made is recorded). ``budget`` (``costs.Budget``) reserves the estimates of all
     the requests before the first is sent: a call that would exceed it sends none (the images a stopped call
     had already paid for could not be recorded)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -159,8 +175,15 @@ def generate_items(spec: Any, prompt: str, negative: str, width: int, height: in
     timeout = float(opts.get("timeout", DEFAULT_TIMEOUT))
     if inits and len(inits) != len(seeds):
         raise ValueError(f"{len(inits)} init images but {len(seeds)} seeds")
+    if masks and len(masks) != len(inits):
+        raise ValueError(f"{len(masks)} masks but {len(inits)} init images")
+    if masks and not getattr(backend_module(target.backend), "TAKES_MASK", False):
+        takes = [b for b in BACKENDS if getattr(backend_module(b), "TAKES_MASK", False)]
+        raise BackendError(target.backend, target.model, "config", f"this backend takes no inpaint mask; those that "
+                           f"do: {', '.join(takes)}", context=context)
     reqs = [RemoteRequest(prompt, negative, width, height, seed, 1, inits[i] if inits else None,
-                          strength if inits else None, timeout, references) for i, seed in enumerate(seeds)]
+                          strength if inits else None, timeout, references, masks[i] if masks else None)
+            for i, seed in enumerate(seeds)]
     if budget is not None and reqs:
         try:
             budget.reserve_all([estimate(target, req) for req in reqs], target.source)

@@ -31,10 +31,19 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from atelier.backends.common import BackendError, RemoteImage, RemoteRequest, Target, check_image, kind_of_status
+from atelier.backends.common import (
+    BackendError,
+    RemoteImage,
+    RemoteRequest,
+    Target,
+    check_image,
+    kind_of_status,
+    refuse_mask,
+)
 
 NAME = "comfyui"
 KEY_ENV = ""  # a ComfyUI server takes no API key
+TAKES_MASK = False  # atelier fills no mask input in a workflow (yet): inpaint with another backend
 SAMPLERS = {"KSampler": "seed", "KSamplerAdvanced": "noise_seed"}
 LATENTS = {"EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo"}
 FIELDS = ("prompt", "negative", "seed", "width", "height", "batch", "init_image", "strength")
@@ -124,6 +133,7 @@ def generate(target: Target, req: RemoteRequest) -> list[RemoteImage]:
     import httpx
 
     # 1. Check inputs: the workflow, where each field goes
+    refuse_mask(req, NAME, target.model)
     server = (target.base_url or target.model).rstrip("/")
     workflow, workflow_sha = load_workflow(target)
     try:

@@ -85,7 +85,8 @@ class Target:
 
 @dataclass(frozen=True)
 class RemoteRequest:
-    """One generation: text to image, or image to image when ``init_image`` (PNG bytes) is given."""
+    """One generation: text to image, image to image when ``init_image`` (PNG bytes) is given, or an inpaint
+    (an edit with a mask) when ``mask`` is given too."""
 
     prompt: str
     negative: str = ""
@@ -97,6 +98,7 @@ class RemoteRequest:
     strength: float | None = None  # img2img: how much is regenerated, where the API takes it
     timeout: float = 120.0  # seconds for the whole generation, polling included
     references: tuple[bytes, ...] = ()  # style reference images, where the API takes extra input images
+    mask: bytes | None = None  # inpaint: PNG, the init image's size, white = repaint, black = keep
 
 
 @dataclass(frozen=True)
@@ -276,6 +278,29 @@ def download(url: str, backend: str, model: str, timeout: float, request_id: str
                            f"HTTP {resp.status_code} downloading the result", request_id=request_id,
                            retry_after=retry_after(resp.headers))
     return check_image(resp.content, backend, model, request_id)
+
+
+def refuse_mask(req: RemoteRequest, backend: str, model: str) -> None:
+    """A ``config`` error for a backend that takes no mask (before anything is sent)."""
+    if req.mask is not None:
+        raise BackendError(backend, model, "config", "this backend takes no inpaint mask; inpaint with an "
+                           "openai, replicate or fal model that documents one")
+
+
+def mask_as_alpha(mask_png: bytes) -> bytes:
+    """OpenAI's mask convention from ours: a PNG whose *transparent* pixels (alpha 0) are to be edited, where
+    ours is white; the colour channels are black. Same size as the mask."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(mask_png)) as m:
+        keep = ImageOps.invert(m.convert("L").point(lambda v: 255 if v >= 128 else 0))  # 255 = keep (opaque)
+    rgba = Image.new("RGBA", keep.size, (0, 0, 0, 255))
+    rgba.putalpha(keep)
+    buf = io.BytesIO()
+    rgba.save(buf, "PNG")
+    return buf.getvalue()
 
 
 def cancel_quietly(job: Any) -> None:

@@ -9,6 +9,9 @@ Arguments sent (FLUX's schema on fal; ``options["input"]`` adds or overrides any
 negative prompt: it is sent only when ``options["negative_input"]`` names the argument that takes one.
 fal's safety checker does not fail a request: it flags images in ``has_nsfw_concepts`` (and blanks them);
 a flagged image is a refusal here. A seed is accepted; no determinism is promised.
+Inpaint (an inpainting endpoint such as ``fal-ai/flux-lora/inpainting`` or ``fal-ai/flux-pro/v1/fill``): the
+image and the mask (white = repaint) as data URIs in ``image_url`` and ``options["mask_input"]`` (default
+``mask_url``), with the strength; no ``image_size`` is sent, as the output follows the image.
 
 Endpoint: fal-client reads ``FAL_QUEUE_RUN_HOST`` (and ``FAL_RUN_HOST``) when it is first imported, and
 always speaks HTTPS. The key is ``FAL_KEY``.
@@ -36,15 +39,17 @@ from atelier.backends.prices import estimate as estimate_usd
 
 NAME = "fal"
 KEY_ENV = "FAL_KEY"
+TAKES_MASK = True  # inpaint: an edit with a mask (see the module docstring)
 REFUSAL_TYPES = {"content_policy_violation"}
 
 
 def build_arguments(target: Target, req: RemoteRequest) -> tuple[dict, dict]:
     """(the arguments sent, the same with image bytes replaced by their size: what lineage records)."""
     opts = target.options
-    args: dict[str, Any] = {"prompt": req.prompt, "image_size": {"width": req.width, "height": req.height},
-                            "num_images": req.n, "output_format": opts.get("output_format", "png"),
+    args: dict[str, Any] = {"prompt": req.prompt, "num_images": req.n, "output_format": opts.get("output_format", "png"),
                             "enable_safety_checker": True}
+    if req.mask is None:
+        args["image_size"] = {"width": req.width, "height": req.height}
     if req.seed is not None:
         args["seed"] = req.seed
     if req.negative and opts.get("negative_input"):
@@ -53,8 +58,14 @@ def build_arguments(target: Target, req: RemoteRequest) -> tuple[dict, dict]:
     if req.init_image is not None:
         args["image_url"] = "data:image/png;base64," + base64.b64encode(req.init_image).decode()
         recorded["image_url"] = f"<init image, {len(req.init_image)} bytes>"
-        if req.strength is not None:
+        if req.strength is not None:  # img2img and fal's inpainting endpoints take it (FLUX Fill ignores it)
             args["strength"] = recorded["strength"] = req.strength
+    if req.mask is not None:
+        if req.init_image is None:
+            raise BackendError(NAME, target.model, "config", "an inpaint mask needs the image it applies to")
+        mask_key = opts.get("mask_input", "mask_url")
+        args[mask_key] = "data:image/png;base64," + base64.b64encode(req.mask).decode()
+        recorded[mask_key] = f"<mask, {len(req.mask)} bytes>"
     extra = dict(opts.get("input", {}))
     return args | extra, recorded | extra
 

@@ -1,8 +1,11 @@
 """OpenAI images (``openai:gpt-image-1``, ``openai:dall-e-3``) through the official ``openai`` client.
 
 Text to image is ``images.generate``; image to image (refine) is ``images.edit`` with the draft as the
-input image. Results come back as base64 (``b64_json``: GPT image models always, DALL-E when asked); a URL
-result is downloaded at once. What the API cannot do, and how atelier says so in ``params_sent``:
+input image; inpaint is ``images.edit`` with the image and a mask (OpenAI's convention: the mask's
+*transparent* pixels are edited, so atelier's white-is-repaint mask is sent as alpha; the API may still
+change pixels outside it, which the inpaint stage puts back). Results come back as base64 (``b64_json``:
+GPT image models always, DALL-E when asked); a URL result is downloaded at once. What the API cannot do,
+and how atelier says so in ``params_sent``:
 - no seed: ``seed_sent`` is None and the backend promises no determinism;
 - no negative prompt: it is appended to the prompt as ``Avoid: ...`` (and recorded so);
 - no img2img strength: an edit regenerates as the model sees fit (``strength_sent`` is None);
@@ -25,6 +28,7 @@ from atelier.backends.common import (
     check_image,
     download,
     kind_of_status,
+    mask_as_alpha,
     nearest_size,
     retry_after,
     scrub,
@@ -33,6 +37,7 @@ from atelier.backends.prices import estimate as estimate_usd
 
 NAME = "openai"
 KEY_ENV = "OPENAI_API_KEY"
+TAKES_MASK = True  # inpaint: an edit with a mask (see the module docstring)
 SIZES = {
     "gpt-image": [(1024, 1024), (1536, 1024), (1024, 1536)],
     "dall-e-3": [(1024, 1024), (1792, 1024), (1024, 1792)],
@@ -62,10 +67,13 @@ def generate(target: Target, req: RemoteRequest) -> list[RemoteImage]:
     width, height = nearest_size(req.width, req.height, sizes_for(model))
     quality = str(target.options.get("quality", "")) or None
     prompt = req.prompt + (f"\nAvoid: {req.negative}" if req.negative else "")
+    if req.mask is not None and req.init_image is None:
+        raise BackendError(NAME, model, "config", "an inpaint mask needs the image it applies to")
     refs = req.references if req.init_image is not None else ()
     if refs:
-        prompt += (f"\nThe first image is the draft to refine; the other {len(refs)} are style references: "
-                   "keep the draft's composition and match the references' style.")
+        first, what = ("the image to edit inside the mask", "image") if req.mask is not None else ("the draft to refine", "draft")
+        prompt += (f"\nThe first image is {first}; the other {len(refs)} are style references: "
+                   f"keep the {what}'s composition and match the references' style.")
     params: dict[str, Any] = {"model": model, "prompt": prompt, "n": req.n, "size": f"{width}x{height}"}
     if quality:
         params["quality"] = quality
@@ -83,7 +91,8 @@ def generate(target: Target, req: RemoteRequest) -> list[RemoteImage]:
             if req.init_image is not None:
                 images = [("init.png", req.init_image, "image/png")]
                 images += [(f"style-ref-{i}.png", r, "image/png") for i, r in enumerate(refs)]
-                resp = client.images.edit(image=images if refs else images[0], **params)
+                mask = {"mask": ("mask.png", mask_as_alpha(req.mask), "image/png")} if req.mask is not None else {}
+                resp = client.images.edit(image=images if refs else images[0], **mask, **params)
             else:
                 resp = client.images.generate(**params)
     except openai.APITimeoutError:
@@ -103,7 +112,7 @@ def generate(target: Target, req: RemoteRequest) -> list[RemoteImage]:
     sent = {k: v for k, v in params.items() if k != "prompt"} | {
         "prompt": prompt, "endpoint": "images.edit" if req.init_image is not None else "images.generate",
         "seed_sent": None, "strength_sent": None, "negative_folded_into_prompt": bool(req.negative),
-        "style_references_sent": len(refs)}
+        "style_references_sent": len(refs), "mask_sent": req.mask is not None}
     usd, taken = estimate_usd(target.source, width, height, quality or "medium")
     out = []
     for item in resp.data:

@@ -50,10 +50,18 @@ PRICES: dict[str, PriceTable] = {
     "replicate:black-forest-labs/flux-dev": PriceTable("2025-06", per_image={"*": 0.025}),
     "replicate:black-forest-labs/flux-1.1-pro": PriceTable("2025-06", per_image={"*": 0.04}),
     "replicate:black-forest-labs/flux-pro": PriceTable("2025-06", per_image={"*": 0.055}),
+    "replicate:black-forest-labs/flux-fill-pro": PriceTable("2025-06", per_image={"*": 0.05}),
+    "replicate:black-forest-labs/flux-fill-dev": PriceTable("2025-06", per_image={"*": 0.04}),
     "fal:fal-ai/flux/schnell": PriceTable("2025-06", per_megapixel=0.003),
     "fal:fal-ai/flux/dev": PriceTable("2025-06", per_megapixel=0.025),
     "fal:fal-ai/flux/dev/image-to-image": PriceTable("2025-06", per_megapixel=0.03),
     "fal:fal-ai/flux-pro/v1.1": PriceTable("2025-06", per_megapixel=0.04),
+    "fal:fal-ai/flux-lora/inpainting": PriceTable("2025-06", per_megapixel=0.035),
+    "fal:fal-ai/flux-pro/v1/fill": PriceTable("2025-06", per_megapixel=0.05),
+    "together:black-forest-labs/FLUX.1-schnell": PriceTable("2025-06", per_megapixel=0.0027,
+                                                            note="at the default 4 steps; more steps cost more"),
+    "together:black-forest-labs/FLUX.1-dev": PriceTable("2025-06", per_megapixel=0.025),
+    "together:black-forest-labs/FLUX.1.1-pro": PriceTable("2025-06", per_megapixel=0.04),
     "comfyui:*": PriceTable("2025-06", per_image={"*": 0.0}, note="the studio's own server: no per-image price"),
 }
 

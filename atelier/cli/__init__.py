@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from atelier.cli import assets, doctor, inspect, models, review, run, schedule  # noqa: F401  (registers the commands)
+from atelier.cli import assets, doctor, inspect, models, review, run, schedule, server  # noqa: F401  (registers the commands)
 from atelier.cli.common import app, err
 from atelier.errors import BriefError, UsageError
 
@@ -18,7 +18,9 @@ def main() -> None:
     try:
         app()
     except (BriefError, UsageError) as exc:
-        err.print(f"error: {exc}")
+        from rich.markup import escape
+
+        err.print(f"error: {escape(str(exc))}", highlight=False, soft_wrap=True, emoji=False)
         sys.exit(2)
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,7 +27,10 @@ JsonOpt = typer.Option(False, "--json", help="machine-readable output")
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # escaped: a message quotes the user's keys and file names, and "[/x]" in one is not Rich markup
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True, emoji=False)
     raise typer.Exit(2)
 
 
@@ -46,3 +52,17 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+@contextmanager
+def heavy_imports() -> Iterator[None]:
+    """Import Prefect and the flows (~160k objects the collector tracks) with the cyclic garbage collector off,
+    then freeze what was imported: the collector's passes over those objects, during the import and at every
+    later collection of the run, cost an unchanged re-run ~0.7 s of its ~3.4 s CPU (2 cores, loaded). Modules
+    live as long as the process anyway."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()  # into the permanent generation: later collections skip them
+        if was_enabled:
+            gc.enable()

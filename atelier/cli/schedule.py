@@ -2,8 +2,8 @@
 
 ``schedule DIR --cron EXPR`` records the schedule in ``<home>/schedules.json`` and, when a Prefect
 server is configured (``PREFECT_API_URL``), registers the deployment there too. ``serve`` runs every
-recorded schedule on this machine (``prefect.serve``); without ``PREFECT_API_URL`` it starts a local
-Prefect server first (``prefect server start`` on 127.0.0.1), since cron ticks need a lasting server.
+recorded schedule on this machine (``prefect.serve``); without ``PREFECT_API_URL`` it uses the home's
+lasting Prefect server (``atelier server``, started if none runs), since cron ticks need a lasting server.
 """
 
 from __future__ import annotations
@@ -11,10 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Optional
 
@@ -78,43 +74,27 @@ def schedule(folder: Path = typer.Argument(..., help="folder of YAML briefs"),
     out.print(f"scheduled [bold]{name}[/]: {folder} at {cron!r}{registered}; run `atelier serve` to execute it")
 
 
-def _start_local_server(home: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(home / "prefect")),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/api"
-    for _ in range(240):
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                os.environ["PREFECT_API_URL"] = url
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.5)
-    proc.terminate()
-    _fail(f"could not start a local Prefect server on port {port}")
-
-
 @app.command()
-def serve(home: Optional[Path] = HomeOpt, store_url: Optional[str] = StoreOpt,
-          port: int = typer.Option(4200, "--port", help="port of the local Prefect server started when "
-                                                        "PREFECT_API_URL is unset")) -> None:
-    """Run the recorded schedules on this machine until interrupted (Prefect `serve`)."""
+def serve(home: Optional[Path] = HomeOpt, store_url: Optional[str] = StoreOpt) -> None:
+    """Run the recorded schedules on this machine until interrupted (Prefect `serve`).
+
+    Against PREFECT_API_URL when it is set, else the home's lasting Prefect server (`atelier server`), started if
+    none runs; it stays up after `serve` ends."""
+    from atelier import server as srv
+
     h = home_dir(home)
     if not _load(h):
         _fail(f"no schedules in {_schedules_file(h)} (add one with `atelier schedule DIR --cron ...`)")
     prepare_environment(h)
-    server = None if os.environ.get("PREFECT_API_URL") else _start_local_server(h, port)
-    try:
-        from prefect import serve as prefect_serve
+    api = srv.configured_api_url()
+    if api is None:
+        try:
+            server, _ = srv.ensure(h)
+        except srv.ServerError as exc:
+            _fail(f"this home's Prefect server: {exc}")
+        os.environ["PREFECT_API_URL"] = api = server.api_url
+    from prefect import serve as prefect_serve
 
-        deps = deployments(h, store_url)
-        out.print(f"serving {', '.join(d.name for d in deps)} against {os.environ['PREFECT_API_URL']}")
-        prefect_serve(*deps, print_starting_message=False)
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=30)
+    deps = deployments(h, store_url)
+    out.print(f"serving {', '.join(d.name for d in deps)} against {api}")
+    prefect_serve(*deps, print_starting_message=False)

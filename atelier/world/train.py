@@ -59,6 +59,7 @@ class Run:
         self.torch = torch
         self.threads = torch.get_num_threads()
         self.adaptive_threads = False
+        self.init: Path | None = None  # --init: exported models to start from (``seed_from_export``)
 
     def save_record(self) -> None:
         tmp = self.log_file.with_suffix(".tmp")
@@ -407,7 +408,10 @@ def train_unet(run: Run) -> None:
     text_encoder.get_input_embeddings().requires_grad_(False)  # only ~30 of its 49,408 rows are ever used
     tokenizer = load_tokenizer(run.work / "tokenizer")
     torch.manual_seed(run.seed + 2)
-    unet = build_unet(s, s.clip_width).to(run.device).train()
+    unet = build_unet(s, s.clip_width)
+    if run.init is not None and run.load_ckpt("unet") is None:
+        _unet_from_export(run, unet, text_encoder)
+    unet = unet.to(run.device).train()
     sched = _noise_scheduler()
     opt = torch.optim.AdamW([
         {"params": unet.parameters(), "base_lr": s.unet_lr},
@@ -423,6 +427,56 @@ def train_unet(run: Run) -> None:
         return _diffusion_loss(run, unet, sched, latents, cond, rng)
 
     _loop(run, "unet", s.unet_steps, {"unet": unet, "text_encoder": text_encoder}, opt, step_fn, s.unet_lr)
+
+
+def _unet_from_export(run: Run, unet: Any, text_encoder: Any) -> None:
+    """Start the UNet stage from an exported pipeline (``--init``): its UNet and text encoder weights
+    (fp16 files, upcast), except the text encoder's trimmed token table (frozen; the CLIP's is kept)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch = run.torch
+    sd = run.init / "sd"
+    unet.load_state_dict(UNet2DConditionModel.from_pretrained(sd, subfolder="unet", torch_dtype=torch.float32).state_dict())
+    te = CLIPTextModel.from_pretrained(sd, subfolder="text_encoder", torch_dtype=torch.float32).state_dict()
+    te = {k: v for k, v in te.items() if "token_embedding" not in k}
+    missing, unexpected = text_encoder.load_state_dict(te, strict=False)
+    if unexpected or [k for k in missing if "token_embedding" not in k]:
+        raise RuntimeError(f"{sd}: text encoder does not match ({missing}, {unexpected})")
+    prev = json.loads((run.init / "training.json").read_text()).get("unet", {})
+    run.record.setdefault("unet", {})["init"] = {"from": str(run.init), "steps": prev.get("steps"),
+                                                 "seconds": prev.get("seconds")}
+    run.save_record()
+    log(f"unet: starting from {sd} ({prev.get('steps')} steps)")
+
+
+def seed_from_export(run: Run, folder: Path) -> None:
+    """``--init``: a stage without a checkpoint is taken from exported models instead of trained again:
+    ``clip`` and ``vae`` as they are (their training record is copied), ``unet`` as the starting point
+    of its steps. fp16 files: the weights equal a fresh run's up to fp16 rounding."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    from atelier.world.diffusion import build_vae
+
+    torch = run.torch
+    run.init = Path(folder)
+    prev = json.loads((run.init / "training.json").read_text())
+    if run.load_ckpt("clip") is None:
+        model, _ = build_clip(run)
+        state = {k: v.float() for k, v in load_file(str(run.init / "clip" / CLIP_WEIGHT_NAME)).items()}
+        model.load_state_dict(state)
+        run.save_ckpt("clip", {"modules": {"model": model.state_dict()}, "step": prev["clip"]["step"]})
+        run.record["clip"] = {**prev["clip"], "from": str(run.init)}
+        log(f"clip: taken from {run.init / 'clip'}")
+    if run.load_ckpt("vae") is None:
+        vae = build_vae(run.s)
+        vae.load_state_dict(AutoencoderKL.from_pretrained(run.init / "sd", subfolder="vae",
+                                                          torch_dtype=torch.float32).state_dict())
+        run.save_ckpt("vae", {"modules": {"vae": vae.state_dict()}, "step": prev["vae"]["step"]})
+        run.record["vae"] = {**prev["vae"], "from": str(run.init)}
+        log(f"vae: taken from {run.init / 'sd' / 'vae'}")
+    run.save_record()
 
 
 def load_trained_unet(run: Run) -> Any:
@@ -585,6 +639,8 @@ def main(argv: list[str] | None = None) -> int:
                    "are busy (for a shared machine under nice; results are the same up to float rounding)")
     p.add_argument("--steps", default="", help="override step counts, e.g. clip=1200,unet=2500 (a resumed run "
                    "may change them until its stage's decay phase starts)")
+    p.add_argument("--init", type=Path, default=None, help="start from exported models (e.g. models/micro): "
+                   "clip and vae without a checkpoint are taken as they are, unet starts from their weights")
     a = p.parse_args(argv)
     stages = [x for x in a.stages.split(",") if x]
     unknown = [x for x in stages if x not in STAGES]
@@ -609,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     run = Run(sizes, out, work, a.seed, device)
     run.adaptive_threads = a.share_cpu
+    if a.init:
+        seed_from_export(run, a.init)
     run.record.setdefault("meta", {}).update(seed=a.seed, sizes=sizes.name, device=device, torch=torch.__version__,
                                              threads=torch.get_num_threads())
     fns = {"clip": train_clip, "vae": train_vae, "unet": train_unet, "ip_adapter": train_ip_adapter,

@@ -105,6 +105,15 @@ class Clip:
     device: str
 
 
+def _quiet_loading() -> None:
+    """No "Loading pipeline components" / "Loading weights" bars: a run prints its own progress per stage."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 @dataclass(frozen=True)
 class Models:
     """What a stage needs to get its models: the process cache and the models folder of the run's home."""
@@ -153,8 +162,9 @@ class Models:
                                      f"not {spec.family!r}")
                 # built where it runs, in its dtype: no fp32 copy of the weights in host memory
                 return fullsize.build_pipeline(spec.source.removeprefix("random:"), dev, dtype)
+            _quiet_loading()
             pipe = AutoPipelineForText2Image.from_pretrained(
-                self.resolve(spec), torch_dtype=dtype, local_files_only=True, **kwargs)
+                self.resolve(spec), dtype=dtype, local_files_only=True, **kwargs)
             if hasattr(pipe, "safety_checker"):
                 pipe.safety_checker = None  # a marketing pipeline reviews its finals; the checker blocks noise
             pipe.set_progress_bar_config(disable=True)

@@ -321,8 +321,9 @@ def _rounds(d: dict, gates: list[Gate], reviews: dict[str, dict], ratings: dict[
 def deliverable_cost(assets: list[Asset]) -> dict:
     """Device seconds per stage (each asset's own compute time, reused or not) and the drafting payoff.
 
-    ``savings_vs_full_quality`` compares the chain that ran (all drafts + selection + refining the kept
-    ones) with generating every draft at full quality instead: drafts x (refine seconds per image).
+    ``savings_vs_full_quality`` compares the chain that ran (all drafts + every round's variations + selection +
+    refining the kept ones) with generating every draft at full quality instead: drafts x (refine seconds per
+    image).
     """
     per_stage: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
@@ -330,7 +331,7 @@ def deliverable_cost(assets: list[Asset]) -> dict:
         per_stage[a.stage] += a.seconds
         counts[a.stage] += 1
     total = sum(per_stage.values())
-    explore = per_stage["draft"] + per_stage["select"] + per_stage["refine"]
+    explore = per_stage["draft"] + per_stage["vary"] + per_stage["select"] + per_stage["refine"]
     out = {"per_stage_s": {k: round(v, 3) for k, v in per_stage.items()}, "total_s": round(total, 3),
            "draft_share": round(per_stage["draft"] / total, 4) if total else None,
            "full_quality_estimate_s": None, "savings_vs_full_quality": None}

@@ -8,7 +8,9 @@ script started it, unless --keep-server). Then every command runs once unmeasure
 under a pycache folder of the bench's own), and ``--rounds`` times round-robin with the reference, so a busy
 neighbour slows all of them alike. Per command:
 median wall seconds, median CPU seconds (user + sys of the process: what load changes least), and the ratio of
-the median wall to the reference's. The re-run is checked to make no model call. Writes
+the median wall to the reference's. The re-run is measured twice: through the Prefect flow (``ATELIER_FAST_RERUN=0``)
+and as a person gets it (``atelier.fastpath``: no Prefect import), and checked to make no model call and to take
+the fast path. Writes
 ``results/commands.json`` and ``results/commands.md``.
 """
 
@@ -74,8 +76,19 @@ def commands(home: Path) -> list[tuple[str, list[str], float | None]]:
         ("atelier lineage FINAL.png", _atelier("lineage", str(final), *h), 1.0),
         ("atelier models", _atelier("models", *h), 2.0),
         ("atelier server status", _atelier("server", "status", *h), None),
+        # the same re-run through the Prefect flow (the fast path off), then as a person gets it (atelier.fastpath)
+        ("atelier run demo.yaml (unchanged, through the flow)",
+         ["env", "ATELIER_FAST_RERUN=0", *_atelier("run", DEMO, *h, "--no-report")], None),
         ("atelier run demo.yaml (unchanged, server up)", _atelier("run", DEMO, *h, "--no-report"), 3.0),
     ]
+
+
+def _latest_run_info(home: Path) -> dict:
+    """The ``info`` of the home's latest run (did the re-run take the fast path?)."""
+    from store import open_store, queries
+
+    with open_store(home).sessions() as s:
+        return dict(queries.latest_run(s).info or {})
 
 
 def _model_calls_of_latest_run(home: Path) -> int:
@@ -114,6 +127,7 @@ def main() -> None:
             cpus[label].append(cpu)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     load_after = os.getloadavg()
+    fast_path = bool(_latest_run_info(home).get("fast_path"))
     model_calls = _model_calls_of_latest_run(home)
     if started_server and not args.keep_server:
         _timed(_atelier("server", "stop", "--home", str(home)))
@@ -131,10 +145,10 @@ def main() -> None:
                         "cpus_s": cpus[label]})
     md = write("commands", {"rounds": args.rounds, "home": str(home), "reference_s": ref,
                             "loadavg_before": load_before, "loadavg_after": load_after,
-                            "rerun_model_calls": model_calls, "commands": results}, rows)
+                            "rerun_model_calls": model_calls, "rerun_fast_path": fast_path, "commands": results}, rows)
     print(md)
     print(f"load average {load_before[0]:.1f} → {load_after[0]:.1f} on {os.cpu_count()} CPUs; "
-          f"unchanged re-run computed {model_calls} assets (goal 0)")
+          f"unchanged re-run computed {model_calls} assets (goal 0), fast path {'taken' if fast_path else 'NOT taken'}")
 
 
 if __name__ == "__main__":

@@ -283,6 +283,38 @@ def finish_run(store: Store, run_id: str, error: str | None = None, device: str 
             run.info = {**(run.info or {}), **extra}
 
 
+def record_fingerprint(store: Store, run_id: str, fingerprint: dict) -> None:
+    """What a completed run was computed from, and what it delivered, in its ``info["fingerprint"]``
+    (``atelier.fastpath``: an unchanged re-run finds it and reuses the run without Prefect)."""
+    with store.sessions.begin() as s:
+        run = s.get(Run, run_id, with_for_update=True, populate_existing=True)
+        run.info = {**(run.info or {}), "fingerprint": fingerprint}
+
+
+def record_reused_run(store: Store, run_id: str, previous: str, brief_path: str, info: dict,
+                      started_at: datetime) -> None:
+    """Record ``run_id`` as an unchanged re-run of the completed run ``previous`` (``atelier.fastpath``), in one
+    transaction: the run, completed; every asset of ``previous`` as reused, with its finals and their export
+    paths; its stage rows with nothing computed; its safety decisions and fingerprint. What a re-run through
+    the flow records, without the flow: no file is written."""
+    with interrupts.deferred(), store.sessions.begin() as s:
+        prev = s.get(Run, previous)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "process_start": process_start(os.getpid()),
+                **info, "passes": 1}
+        for carried in ("versions", "gpu_tag", "safety", "fingerprint"):
+            if (prev.info or {}).get(carried) is not None:
+                info[carried] = prev.info[carried]
+        s.add(Run(id=run_id, campaign=prev.campaign, brief_path=brief_path, brief_sha256=prev.brief_sha256,
+                  profile=prev.profile, status="completed", started_at=started_at, finished_at=utcnow(), info=info))
+        s.flush()
+        for ra in s.scalars(select(RunAsset).where(RunAsset.run_id == previous).order_by(RunAsset.asset_key)):
+            s.add(RunAsset(run_id=run_id, asset_key=ra.asset_key, status="reused", final=ra.final,
+                           export_path=ra.export_path))
+        for sr in s.scalars(select(StageRun).where(StageRun.run_id == previous).order_by(StageRun.id)):
+            s.add(StageRun(run_id=run_id, deliverable=sr.deliverable, stage=sr.stage, seconds=0.0, computed=0,
+                           reused=sr.computed + sr.reused, device="none"))  # no model touched
+
+
 def cancel_run(store: Store, run_id: str, reason: str) -> bool:
     """Run ``run_id``, still "running" in this very process, was interrupted before it could say so itself
     (the signal came while the flow started or ended): cancelled. False if it is not such a run."""

@@ -33,6 +33,12 @@ def latest_run(session: Session) -> Run | None:
     return session.scalars(select(Run).order_by(Run.started_at.desc()).limit(1)).first()
 
 
+def latest_campaign_run(session: Session, campaign: str) -> Run | None:
+    """The newest run of ``campaign`` in this store, whatever its status (the re-run fast path's base)."""
+    return session.scalars(select(Run).where(Run.campaign == campaign).order_by(Run.started_at.desc())
+                           .limit(1)).first()
+
+
 def runs(session: Session, limit: int = 50) -> list[Run]:
     return list(session.scalars(select(Run).order_by(Run.started_at.desc()).limit(limit)))
 

@@ -95,8 +95,87 @@ def run(
     if task_runner not in ("sequential", "dask"):
         _fail(f"--task-runner: unknown {task_runner!r}; known: sequential, dask")
     run_id = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    if force is None and not review and _fast_rerun(campaign, run_id, profile or campaign.brief.profile, home,
+                                                    store_url, assets_url, task_runner, report, ephemeral):
+        return
     execute(brief, campaign, run_id, profile or campaign.brief.profile, home, store_url, assets_url, force=force,
             review=review, task_runner=task_runner, workers=workers, report=report, ephemeral=ephemeral)
+
+
+def _fast_rerun(campaign: Any, run_id: str, profile: str, home: Optional[Path], store_url: Optional[str],
+                assets_url: Optional[str], task_runner: str, report: bool, ephemeral: bool) -> bool:
+    """An unchanged re-run without Prefect (``atelier.fastpath``): when the newest run of the campaign is still
+    all in place, record ``run_id`` as reusing it, show it in the Prefect UI, report; True when done so.
+    False, having written nothing, whenever the flow should run instead: with ``--ephemeral``, with no Prefect
+    server to record the run in (the normal path starts the home's), anything changed or gone, or
+    ``ATELIER_FAST_RERUN=0`` (always the flow)."""
+    from atelier import fastpath
+    from atelier import server as srv
+
+    # 1. Where Prefect would record the run: a configured API, else the home's running server
+    if ephemeral or os.environ.get("ATELIER_EPHEMERAL") == "1" or os.environ.get("ATELIER_FAST_RERUN") == "0":
+        return False
+    t0, started_at = time.perf_counter(), datetime.now(UTC).replace(tzinfo=None)
+    h = home_dir(home)
+    prepare_environment(h, offline_models=True)
+    if not store_url and not (h / "lineage.db").exists():
+        return False
+    api_url, server = srv.configured_api_url(), None
+    if not api_url:
+        server = srv.status(h)
+        if server is None:
+            return False
+        api_url = server.api_url
+    # 2. The store, and the newest run of the campaign as it was recorded
+    from atelier.errors import StoreError
+    from atelier.profiles import PROFILES
+    from store import open_store
+    from store.db import default_url
+
+    try:
+        st = open_store(h, store_url or default_url(h), assets_url)
+    except StoreError:
+        return False  # the normal path says what is wrong
+    prof = PROFILES[profile]
+    if any(spec.kind != "open-clip" and not ok for spec, ok in _availability(prof, h / "models")):
+        return False  # the normal path names what is missing
+    try:
+        decision = fastpath.check(st, campaign, fastpath.fingerprint(campaign, profile, None, False, st, h))
+    except Exception:  # noqa: BLE001 - e.g. a record written by another atelier version: the flow decides
+        return False
+    if decision.previous is None:
+        return False
+    # 3. The new run, reusing it; the Prefect UI; the usual end
+    out.print(f"atelier run [bold]{run_id}[/]: {campaign.brief.campaign} on profile [bold]{prof.name}[/]"
+              + (" [yellow](random-weight test models)[/]" if prof.random_weights
+                 else f" ({prof.models_note})" if prof.models_note else "") + f", home {h}")
+    out.print(f"[dim]Prefect: {server.ui_url} (this home's server)" if server else f"[dim]Prefect: {api_url}",
+              highlight=False)
+    sheet = fastpath.record(st, run_id, decision.previous, campaign, task_runner, started_at)
+    problem = fastpath.register(api_url, {
+        "brief_path": str(campaign.path), "home": str(h), "run_id": run_id, "profile": prof.name,
+        "store_url": store_url, "assets_url": assets_url, "force": None, "submit": task_runner == "dask",
+        "progress": "rich", "review": False, "resume": False}, campaign.brief.campaign, decision.previous, sheet)
+    if problem:
+        out.print(f"[dim]Prefect: this run is not in the UI ({problem}); it is recorded in the store",
+                  highlight=False, soft_wrap=True)
+    out.print(f"run {run_id} completed in {time.perf_counter() - t0:.1f}s [dim](unchanged since run "
+              f"{decision.previous}: everything reused, no flow ran)", highlight=False)
+    if report:
+        from atelier.cli.inspect import _show_report
+
+        _show_report(h, store_url, run_id, as_json=False)
+    _exit_if_blocked(st, run_id)
+    return True
+
+
+def _availability(prof: Any, models_dir: Path) -> list[tuple[Any, bool]]:
+    """Each model of the profile and whether its weights are here (as ``_missing_models`` checks them)."""
+    from atelier.sources import available
+
+    roles = ("draft_model", "refine_model", "inpaint_model", "ip_adapter", "clip", "face", "upscale")
+    specs = [s for s in dict.fromkeys(getattr(prof, r) for r in roles) if s is not None]
+    return [(spec, spec.kind == "open-clip" or available(spec, models_dir)[0]) for spec in specs]
 
 
 def _prefect_server(h: Path, home_opt: Optional[Path], ephemeral: bool) -> tuple[AbstractContextManager, Any]:
@@ -261,12 +340,25 @@ def execute(brief: Path, campaign: Any, run_id: str, profile: str, home: Optiona
                   f"decide:   atelier review {run_id} --deliverable NAME --keep 3,5 --resume\n"
                   f"later:    atelier resume {run_id}", highlight=False, soft_wrap=True)
         return
+    if not resume:
+        _remember(st, run_id, campaign, profile, force, review, h)
     out.print(f"run {run_id} completed in {seconds:.1f}s")
     if report:
         from atelier.cli.inspect import _show_report
 
         _show_report(h, store_url, run_id, as_json=False)
     _exit_if_blocked(st, run_id)
+
+
+def _remember(st: Any, run_id: str, campaign: Any, profile: str, force: Optional[str], review: bool, h: Path) -> None:
+    """The completed run's fingerprint, for the next unchanged re-run (``atelier.fastpath``). Never fails the run:
+    a problem is one dim line, and the next re-run runs the flow."""
+    from atelier import fastpath
+
+    try:
+        fastpath.remember(st, run_id, campaign, profile, force, review, h)
+    except Exception as exc:  # noqa: BLE001 - only the next re-run's speed depends on it
+        out.print(f"[dim]not recorded for a fast re-run: {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
 
 
 SAFETY_EXIT = 3  # the run completed, but the safety gate kept finals from delivery

@@ -40,7 +40,7 @@ test-deps:
 	fi
 
 test: install test-deps lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # The fast tier (< 3 min on 2 cores): everything but the tests marked slow (whole campaigns through Prefect,
 # subprocess runs, database servers, browsers).

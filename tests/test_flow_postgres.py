@@ -66,7 +66,7 @@ def test_lineage_in_postgres_files_in_the_object_store(pg_run) -> None:
     with store.sessions() as s:
         rows = s.execute(select(RunAsset, Asset).join(Asset, Asset.key == RunAsset.asset_key)
                          .where(RunAsset.run_id == pg_run["runs"][0])).all()
-        assert {a.stage for _, a in rows} == {"reference", "moodboard", "draft", "select", "refine", "upscale"}
+        assert {a.stage for _, a in rows} == {"reference", "moodboard", "draft", "select", "refine", "upscale", "safety"}
         for _, a in rows:  # every file at the URL with its recorded bytes
             assert hashlib.sha256(fs.cat_file(f"{root}/{a.path.removeprefix('assets/')}")).hexdigest() == a.sha256
         finals = [a for ra, a in rows if ra.final]

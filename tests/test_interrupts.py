@@ -266,7 +266,8 @@ def test_ctrl_c_and_sigterm_stop_a_run_within_seconds_and_the_next_run_reuses_wh
     before = stage_rows(home, run.id)
     log = tmp_path / "resume.log"
     proc = launch([ATELIER, "resume", run.id, "--home", str(home), "--no-report"], env, log)
-    wait_until(proc, lambda: stage_rows(home, run.id) >= before + 3, log)  # mood board, draft, select
+    # past the stages stored already: its selection is committed (the safety checks add stage rows too)
+    wait_until(proc, lambda: stage_rows(home, run.id) >= before + 3 and _has_stage(home, "select"), log)
     seconds = interrupt(proc, signal.SIGTERM, group=False)
     out = log.read_text()
     assert proc.returncode == 128 + signal.SIGTERM and seconds < EXIT_WITHIN, (seconds, out[-3000:])
@@ -279,6 +280,11 @@ def test_ctrl_c_and_sigterm_stop_a_run_within_seconds_and_the_next_run_reuses_wh
     committed = stored(home)
     assert {"reference", "moodboard", "draft", "select"} <= {k for k in _stages(home, committed)}
     next_run_reuses(home, brief, prefect_api, tmp_path / "next.log", committed)
+
+
+def _has_stage(home: Path, stage: str) -> bool:
+    with open_store(home).sessions() as s:
+        return s.scalar(select(func.count()).select_from(Asset).where(Asset.stage == stage)) > 0
 
 
 def _stages(home: Path, keys: dict[str, str]) -> set[str]:

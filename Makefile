@@ -42,7 +42,7 @@ test-deps:
 test: install test-deps lint
 	$(PY) -m pytest -q --durations=25
 
-# The fast tier (< 3 min on 2 cores): everything but the tests marked slow (whole campaigns through Prefect,
+# The fast tier (~4-5 min on 2 cores): everything but the tests marked slow (whole campaigns through Prefect,
 # subprocess runs, database servers, browsers).
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

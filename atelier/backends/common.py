@@ -154,6 +154,25 @@ def with_retries(call: Callable[[], Any], policy: RetryPolicy, *, sleep: Callabl
     raise AssertionError("unreachable")
 
 
+def sdk_call(sdk: Any, call: Callable[[], Any], backend: str, model: str, key: str, timeout: float,
+             status_error: Callable[[Any], BackendError]) -> Any:
+    """``call()`` through an official client generated from an OpenAPI spec (``openai``, ``together``: the same
+    exception classes), its errors as ``BackendError``s with the key scrubbed; ``status_error`` reads the
+    provider's own code and message out of an ``APIStatusError``."""
+    try:
+        return call()
+    except sdk.APITimeoutError:  # before APIConnectionError, its base class
+        raise BackendError(backend, model, "timeout", f"no response within {timeout:g} s") from None
+    except sdk.APIConnectionError as exc:
+        raise BackendError(backend, model, "connection", scrub(str(exc), key)) from None
+    except sdk.APIStatusError as exc:
+        raise status_error(exc) from None
+    except sdk.APIResponseValidationError as exc:
+        raise BackendError(backend, model, "malformed", scrub(str(exc), key)) from None
+    except ValueError as exc:  # the client could not parse the body as JSON
+        raise BackendError(backend, model, "malformed", scrub(str(exc), key)[:200]) from None
+
+
 def retry_after(headers: Mapping[str, str] | None) -> float | None:
     """Seconds a ``Retry-After`` (or ``retry-after-ms``) header asks for: a number or an HTTP date."""
     if not headers:

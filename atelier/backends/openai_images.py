@@ -32,6 +32,7 @@ from atelier.backends.common import (
     nearest_size,
     retry_after,
     scrub,
+    sdk_call,
 )
 from atelier.backends.prices import estimate as estimate_usd
 
@@ -86,25 +87,16 @@ def generate(target: Target, req: RemoteRequest) -> list[RemoteImage]:
     # 2. The client: our key, our timeout, no retries of its own (the caller's policy retries)
     client = openai.OpenAI(api_key=key, base_url=target.base_url or None, timeout=req.timeout, max_retries=0)
     # 3. Call: generate, or edit the init image
-    try:
+    def call() -> Any:
         with client:
-            if req.init_image is not None:
-                images = [("init.png", req.init_image, "image/png")]
-                images += [(f"style-ref-{i}.png", r, "image/png") for i, r in enumerate(refs)]
-                mask = {"mask": ("mask.png", mask_as_alpha(req.mask), "image/png")} if req.mask is not None else {}
-                resp = client.images.edit(image=images if refs else images[0], **mask, **params)
-            else:
-                resp = client.images.generate(**params)
-    except openai.APITimeoutError:
-        raise BackendError(NAME, model, "timeout", f"no response within {req.timeout:g} s") from None
-    except openai.APIConnectionError as exc:
-        raise BackendError(NAME, model, "connection", scrub(str(exc), key)) from None
-    except openai.APIStatusError as exc:
-        raise _status_error(exc, model, key) from None
-    except openai.APIResponseValidationError as exc:
-        raise BackendError(NAME, model, "malformed", scrub(str(exc), key)) from None
-    except ValueError as exc:  # the client could not parse the body as JSON
-        raise BackendError(NAME, model, "malformed", scrub(str(exc), key)[:200]) from None
+            if req.init_image is None:
+                return client.images.generate(**params)
+            images = [("init.png", req.init_image, "image/png")]
+            images += [(f"style-ref-{i}.png", r, "image/png") for i, r in enumerate(refs)]
+            mask = {"mask": ("mask.png", mask_as_alpha(req.mask), "image/png")} if req.mask is not None else {}
+            return client.images.edit(image=images if refs else images[0], **mask, **params)
+
+    resp = sdk_call(openai, call, NAME, model, key, req.timeout, lambda exc: _status_error(exc, model, key))
     request_id = getattr(resp, "_request_id", None)
     # 4. Decode (or download at once) every image
     if not getattr(resp, "data", None):

@@ -35,6 +35,7 @@ from atelier.backends.common import (
     refuse_mask,
     retry_after,
     scrub,
+    sdk_call,
 )
 from atelier.backends.prices import estimate as estimate_usd
 
@@ -94,19 +95,11 @@ def generate(target: Target, req: RemoteRequest) -> list[RemoteImage]:
     # 2. The client: our key, our timeout, no retries of its own (the caller's policy retries)
     client = together.Together(api_key=key, base_url=target.base_url or None, timeout=req.timeout, max_retries=0)
     # 3. Call
-    try:
+    def call() -> Any:
         with client:
-            resp = client.images.generate(**args)
-    except together.APITimeoutError:
-        raise BackendError(NAME, model, "timeout", f"no response within {req.timeout:g} s") from None
-    except together.APIConnectionError as exc:
-        raise BackendError(NAME, model, "connection", scrub(str(exc), key)) from None
-    except together.APIStatusError as exc:
-        raise _status_error(exc, model, key) from None
-    except together.APIResponseValidationError as exc:
-        raise BackendError(NAME, model, "malformed", scrub(str(exc), key)) from None
-    except ValueError as exc:  # the client could not parse the body as JSON
-        raise BackendError(NAME, model, "malformed", scrub(str(exc), key)[:200]) from None
+            return client.images.generate(**args)
+
+    resp = sdk_call(together, call, NAME, model, key, req.timeout, lambda exc: _status_error(exc, model, key))
     request_id = getattr(resp, "id", None) or None
     # 4. Decode (or download at once) every image
     if not getattr(resp, "data", None):

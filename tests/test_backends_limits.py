@@ -8,18 +8,17 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from atelier import backends as B
 from atelier.backends import limits
 from atelier.profiles import ModelSpec
+from tests.conftest import REPO
 from tests.standins import OpenAIStandIn
 
 KEY = "sk-atelier-FAKE-limits-0a9b8c7d6e5f"
 GPT = ModelSpec("gpt-image-1", "remote", "openai:gpt-image-1", options=(("quality", "low"),))
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture

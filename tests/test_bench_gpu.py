@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import gpu
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO
 
 
 def _bench(out: Path, *extra: str, timeout: int = 900) -> dict:

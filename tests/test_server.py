@@ -19,9 +19,7 @@ from pathlib import Path
 import pytest
 
 from atelier import server as srv
-from tests.conftest import tiny_home, with_refs, write_brief
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO, tiny_home, with_refs, write_brief
 
 BRIEF = """\
 campaign: {name}

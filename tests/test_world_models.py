@@ -141,3 +141,31 @@ def test_shipped_tokenizer_is_trimmed_but_equivalent_on_world_prompts(smoke):
     assert torch.equal(torch.tensor(old)[tokenize(small, texts, "cpu")], tokenize(full, texts, "cpu"))
     ids = tokenize(small, ["a red bicycle"], "cpu")[0]  # unknown words fall back to smaller pieces
     assert (ids < len(small)).all() and int((ids != len(small) - 1).sum()) > 4
+
+
+def test_init_takes_clip_and_vae_as_exported_and_starts_the_unet_from_them(smoke, tmp_path):
+    """``--init``: a run in a fresh work folder takes CLIP and VAE from an export unchanged (no training step)
+    and starts its UNet from the exported UNet, not from a fresh initialisation."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from atelier.world import train
+
+    init = tmp_path / "init"
+    shutil.copytree(smoke / "out", init)
+    unet = "sd/unet/diffusion_pytorch_model.safetensors"
+    w = load_file(str(init / unet))
+    w["conv_out.bias"] = torch.full_like(w["conv_out.bias"], 7.0)  # a mark no fresh initialisation has
+    save_file(w, str(init / unet))
+    assert train.main(["--smoke", "--init", str(init), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+                       "--threads", "1", "--seed", "3", "--stages", "clip,vae,unet,export", "--steps", "unet=1"]) == 0
+    rec = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert rec["clip"]["from"] == str(init) and rec["vae"]["from"] == str(init)
+    assert rec["unet"]["init"]["from"] == str(init) and rec["unet"]["step"] == 1
+    for f in ("clip/open_clip_model.safetensors", "sd/vae/diffusion_pytorch_model.safetensors"):
+        assert (tmp_path / "out" / f).read_bytes() == (init / f).read_bytes(), f
+    # one warmup step (learning rate ~1e-5) moves the mark by far less than 0.1
+    bias = load_file(str(tmp_path / "out" / unet))["conv_out.bias"].float()
+    assert torch.allclose(bias, torch.full_like(bias, 7.0), atol=0.1), bias

@@ -80,9 +80,12 @@ class Run:
         self.torch.save(state, tmp)
         os.replace(tmp, path)
 
+    def has_ckpt(self, stage: str) -> bool:
+        return (self.work / f"{stage}.pt").exists()
+
     def load_ckpt(self, stage: str) -> dict | None:
-        path = self.work / f"{stage}.pt"
-        return self.torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+        return self.torch.load(self.work / f"{stage}.pt", map_location="cpu", weights_only=False) \
+            if self.has_ckpt(stage) else None
 
 
 def _lr(step: int, total: int, base: float, warmup: int = 100) -> float:
@@ -409,7 +412,7 @@ def train_unet(run: Run) -> None:
     tokenizer = load_tokenizer(run.work / "tokenizer")
     torch.manual_seed(run.seed + 2)
     unet = build_unet(s, s.clip_width)
-    if run.init is not None and run.load_ckpt("unet") is None:
+    if run.init is not None and not run.has_ckpt("unet"):
         _unet_from_export(run, unet, text_encoder)
     unet = unet.to(run.device).train()
     sched = _noise_scheduler()
@@ -462,14 +465,14 @@ def seed_from_export(run: Run, folder: Path) -> None:
     torch = run.torch
     run.init = Path(folder)
     prev = json.loads((run.init / "training.json").read_text())
-    if run.load_ckpt("clip") is None:
+    if not run.has_ckpt("clip"):
         model, _ = build_clip(run)
         state = {k: v.float() for k, v in load_file(str(run.init / "clip" / CLIP_WEIGHT_NAME)).items()}
         model.load_state_dict(state)
         run.save_ckpt("clip", {"modules": {"model": model.state_dict()}, "step": prev["clip"]["step"]})
         run.record["clip"] = {**prev["clip"], "from": str(run.init)}
         log(f"clip: taken from {run.init / 'clip'}")
-    if run.load_ckpt("vae") is None:
+    if not run.has_ckpt("vae"):
         vae = build_vae(run.s)
         vae.load_state_dict(AutoencoderKL.from_pretrained(run.init / "sd", subfolder="vae",
                                                           torch_dtype=torch.float32).state_dict())

@@ -438,6 +438,17 @@ def upscale_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[R
     return run_stage(ctx, postedit.UPSCALE, req, campaign.brief.campaign, name)
 
 
+def _withdraw(ctx: RunContext, target: Path) -> None:
+    """A blocked final's place in outputs/: what an earlier run delivered there goes (with its sidecar), so the
+    folder never shows a final this run did not deliver. The asset itself stays in the store."""
+    gone = [p for p in (target, target.with_name(f"{target.name}.json")) if p.exists()]
+    for p in gone:
+        p.unlink()
+    if gone:
+        ctx.progress.note(f"removed {target.name} from {target.parent}: an earlier run delivered it, and this "
+                          f"run's final at that place is blocked")
+
+
 GPU_TAG = "gpu"
 GPU_TASKS = (moodboard_task, draft_task, vary_task, select_task, refine_task, inpaint_task, face_task, upscale_task)
 
@@ -465,6 +476,7 @@ def export_task(ctx: RunContext, campaign: Campaign, name: str, finals: list[Ref
     paths = []
     for n, (ref, doc) in enumerate(zip(finals, docs), start=1):
         if ref.key in blocked:
+            _withdraw(ctx, out_dir / f"{name}-{n}{Path(ref.path).suffix}")
             continue
         target = out_dir / f"{name}-{n}{Path(ref.path).suffix}"
         if signing is not None:

@@ -119,10 +119,15 @@ def test_the_gate_keeps_flagged_drafts_out_and_blocked_finals_undelivered(tmp_pa
     with ctx.store.sessions() as s:  # the contact sheet shows each draft's score, and the exclusion
         page = render_html(sheet_data(s, run_row(ctx.store, "r1")), ctx.store.files.path)
     assert page.count("data-decision='excluded'") == 1 and "nsfw 0.032" in page and "nsfw 0.013" in page
-    # 2. Finals: the astronaut is blocked (not exported, and the run says which and why), the coffee delivered
+    # 2. Finals: the astronaut is blocked (not exported, and the run says which and why), the coffee delivered;
+    # what an earlier run delivered at the blocked final's place is withdrawn, not left to pass for this run's
+    earlier = ctx.home / "outputs" / "gate" / "hero-1.png"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(Path(drafts["coffee"].path).read_bytes())
+    earlier.with_name("hero-1.png.json").write_text("{}")
     paths = export_task.fn(ctx, campaign, "hero", [drafts["astronaut"], drafts["coffee"]])
     assert [Path(p).name for p in paths] == ["hero-2.png"]
-    assert not (ctx.home / "outputs" / "gate" / "hero-1.png").exists()
+    assert sorted(p.name for p in earlier.parent.iterdir()) == ["hero-2.png", "hero-2.png.json"]
     lineage.finish_run(ctx.store, "r1")
     [blocked] = lineage.safety_blocked(run_row(ctx.store, "r1"))
     assert blocked["key"] == drafts["astronaut"].key and blocked["decision"] == "block"

@@ -33,7 +33,8 @@ def test_smoke_training_exports_every_model(smoke):
     assert (out / "ip-adapter" / "models" / "ip-adapter_micro.safetensors").exists()
     assert (out / "ip-adapter" / "models" / "image_encoder" / "config.json").exists()
     rec = json.loads((out / "training.json").read_text())
-    assert all(rec[s]["done"] for s in ("clip", "vae", "unet", "ip_adapter"))
+    assert all(rec[s]["done"] for s in ("clip", "vae", "vae_decoder", "unet", "ip_adapter"))
+    assert {"psnr_db_before", "psnr_db"} <= set(rec["vae_decoder"])
     import torch
     from safetensors.torch import load_file
 
@@ -163,9 +164,25 @@ def test_init_takes_clip_and_vae_as_exported_and_starts_the_unet_from_them(smoke
                        "--threads", "1", "--seed", "3", "--stages", "clip,vae,unet,export", "--steps", "unet=1"]) == 0
     rec = json.loads((tmp_path / "out" / "training.json").read_text())
     assert rec["clip"]["from"] == str(init) and rec["vae"]["from"] == str(init)
+    assert rec["vae_decoder"]["from"] == str(init)  # the exported decoder is taken, not trained on again
     assert rec["unet"]["init"]["from"] == str(init) and rec["unet"]["step"] == 1
     for f in ("clip/open_clip_model.safetensors", "sd/vae/diffusion_pytorch_model.safetensors"):
         assert (tmp_path / "out" / f).read_bytes() == (init / f).read_bytes(), f
     # one warmup step (learning rate ~1e-5) moves the mark by far less than 0.1
     bias = load_file(str(tmp_path / "out" / unet))["conv_out.bias"].float()
     assert torch.allclose(bias, torch.full_like(bias, 7.0), atol=0.1), bias
+
+
+def test_the_decoder_stage_trains_the_decoder_and_leaves_the_encoder_as_it_was(smoke):
+    """``vae_decoder`` must not move the latent space the UNet is trained on: the exported encoder is the
+    ``vae`` stage's, the exported decoder is not."""
+    import torch
+    from safetensors.torch import load_file
+
+    vae_stage = torch.load(smoke / "work" / "vae.pt", map_location="cpu", weights_only=False)["modules"]["vae"]
+    exported = load_file(str(smoke / "out" / "sd" / "vae" / "diffusion_pytorch_model.safetensors"))
+    for k, v in exported.items():
+        same = torch.equal(v, vae_stage[k].to(v.dtype))
+        if k.startswith(("encoder.", "quant_conv.")):
+            assert same, k
+    assert not all(torch.equal(v, vae_stage[k].to(v.dtype)) for k, v in exported.items() if k.startswith("decoder."))

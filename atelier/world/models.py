@@ -38,6 +38,11 @@ class Sizes:
     vae_crop: int = 32
     vae_lr: float = 1e-3
     vae_image: int = 64
+    # VAE decoder fine-tune (encoder frozen: the latent space the UNet learns stays the same)
+    vae_decoder_steps: int = 1200
+    vae_decoder_batch: int = 16  # whole images at vae_image (random aspect), not crops
+    vae_decoder_lr: float = 5e-4
+    vae_decoder_edge: float = 0.5  # weight of the L1 loss on image gradients (sharper edges)
     # UNet
     unet_channels: tuple[int, ...] = (64, 128, 128)
     unet_steps: int = 1400
@@ -61,7 +66,8 @@ FULL = Sizes("full")
 SMOKE = Sizes(
     "smoke", clip_width=32, clip_layers=1, clip_embed=32, clip_image=32, clip_vision_width=8, clip_steps=3,
     clip_pairs=4,
-    vae_channels=(32, 32, 32), vae_steps=2, vae_batch=2, vae_image=32, vae_crop=16, unet_channels=(32, 32, 32), unet_steps=3,
+    vae_channels=(32, 32, 32), vae_steps=2, vae_batch=2, vae_image=32, vae_crop=16, vae_decoder_steps=2,
+    vae_decoder_batch=2, unet_channels=(32, 32, 32), unet_steps=3,
     unet_batch=2, unet_image=32, ip_steps=2, ip_batch=2, ip_width=32, ip_layers=1, ip_image=32, checkpoint_s=0.0,
 )
 

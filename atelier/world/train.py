@@ -731,8 +731,8 @@ def main(argv: list[str] | None = None) -> int:
         seed_from_export(run, a.init)
     run.record.setdefault("meta", {}).update(seed=a.seed, sizes=sizes.name, device=device, torch=torch.__version__,
                                              threads=torch.get_num_threads())
-    fns = {"clip": train_clip, "vae": train_vae, "vae_decoder": train_vae_decoder, "unet": train_unet, "ip_adapter": train_ip_adapter,
-           "export": export}
+    fns = {"clip": train_clip, "vae": train_vae, "vae_decoder": train_vae_decoder, "unet": train_unet,
+           "ip_adapter": train_ip_adapter, "export": export}
     for stage in STAGES:
         if stage not in stages:
             continue

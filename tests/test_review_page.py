@@ -181,6 +181,7 @@ def test_the_server_listens_on_loopback_only_behind_its_token(review_run) -> Non
 def test_ctrl_c_stops_the_server(review_run) -> None:
     """Ctrl-C (a KeyboardInterrupt in the main thread, where the CLI serves) stops it; nothing decided: False."""
     import _thread
+    import signal
 
     messages: list[str] = []
 
@@ -189,7 +190,13 @@ def test_ctrl_c_stops_the_server(review_run) -> None:
         if len(messages) == 1:  # the server is up: interrupt it as a person's Ctrl-C would
             threading.Timer(0.5, _thread.interrupt_main).start()
 
-    assert serve_review(review_run["store"], review_run["run_id"], announce=announce, timeout=120) is False
+    # A suite started in the background of a non-interactive shell runs with SIGINT ignored, and
+    # interrupt_main then does nothing: give this test a terminal's disposition.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert serve_review(review_run["store"], review_run["run_id"], announce=announce, timeout=120) is False
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert messages[-1].endswith("stopped (nothing decided)"), messages
     port = int(re.search(r"127\.0\.0\.1:(\d+)/", messages[0]).group(1))
     with socket.socket() as sock:

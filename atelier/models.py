@@ -12,6 +12,7 @@ model identities (a weights hash per spec), so lineage hashes each weight file o
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 from collections.abc import Callable
@@ -105,13 +106,26 @@ class Clip:
     device: str
 
 
+class _NoEmptyFp32Warning(logging.Filter):
+    """diffusers warns "There are modules in UNet2DConditionModel that should be kept in float32: []" on every
+    ``.to(dtype)`` (its check tests an empty list against None), e.g. when ``load_ip_adapter`` moves the UNet:
+    about no module at all. The warning with modules named still comes through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
 def _quiet_loading() -> None:
-    """No "Loading pipeline components" / "Loading weights" bars: a run prints its own progress per stage."""
+    """No "Loading pipeline components" / "Loading weights" bars (a run prints its own progress per stage),
+    and no empty float32 warning."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    modeling = logging.getLogger("diffusers.models.modeling_utils")
+    if not any(isinstance(f, _NoEmptyFp32Warning) for f in modeling.filters):
+        modeling.addFilter(_NoEmptyFp32Warning())
 
 
 @dataclass(frozen=True)

@@ -163,3 +163,27 @@ def test_micro_profile_points_at_the_shipped_models():
     assert (Path(p.ip_adapter.source) / p.ip_adapter.subfolder / p.ip_adapter.weight_name).exists()
     assert (Path(p.clip.source) / f"{p.clip.arch}.json").exists()
     assert p.draft.steps <= 4 and p.draft.multiple % 16 == 0 and p.refine.pixels > p.draft.pixels
+
+
+LOADS_WITH_IP_ADAPTER = """
+import sys
+from pathlib import Path
+from atelier import compat
+compat.apply()
+from atelier.world.loading import pipeline, specs
+sp = specs(Path(sys.argv[1]))
+pipeline(sp["sd"], Path(sys.argv[2]), "img2img", "euler", ip_adapter=sp["ip_adapter"])
+print("loaded")
+"""
+
+
+def test_loading_with_the_ip_adapter_prints_no_empty_float32_warning(tmp_path):
+    """diffusers' load_ip_adapter casts the UNet and warns about "modules that should be kept in float32: []"
+    (none): a run's output stays free of it."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", LOADS_WITH_IP_ADAPTER, str(MICRO), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "loaded", res.stderr[-2000:]
+    assert "kept in float32" not in res.stderr, res.stderr[-2000:]

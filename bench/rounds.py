@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", type=int, default=2)
     p.add_argument("--variations", type=int, default=3)
     p.add_argument("--vary", default="subtle", help="subtle | strong | a strength")
+    p.add_argument("--weights", default="", help="selection weights prompt,moodboard,diversity (default: the "
+                   "micro profile's)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
 
     strength = VARY.get(a.vary) or float(a.vary)
     prof = get_profile("micro")
+    if a.weights:
+        from dataclasses import replace
+
+        prof = replace(prof, selection_weights=tuple(float(x) for x in a.weights.split(",")))
     models = Models.at(ROOT / ".atelier" / "bench-models")
     work = Path(tempfile.mkdtemp(prefix="atelier-rounds-"))
     seconds = {"draft": 0.0, "select": 0.0, "vary": 0.0, "refine": 0.0}

@@ -441,7 +441,7 @@ def upscale_task(ctx: RunContext, campaign: Campaign, name: str, sources: list[R
 def _withdraw(ctx: RunContext, target: Path) -> None:
     """A blocked final's place in outputs/: what an earlier run delivered there goes (with its sidecar), so the
     folder never shows a final this run did not deliver. The asset itself stays in the store."""
-    gone = [p for p in (target, target.with_name(f"{target.name}.json")) if p.exists()]
+    gone = [p for p in (target, metadata.sidecar_path(target)) if p.exists()]
     for p in gone:
         p.unlink()
     if gone:
@@ -475,10 +475,10 @@ def export_task(ctx: RunContext, campaign: Campaign, name: str, finals: list[Ref
         docs = [metadata.doc_from_store(s, ref.key) for ref in finals]  # the document the PNG carries
     paths = []
     for n, (ref, doc) in enumerate(zip(finals, docs), start=1):
-        if ref.key in blocked:
-            _withdraw(ctx, out_dir / f"{name}-{n}{Path(ref.path).suffix}")
-            continue
         target = out_dir / f"{name}-{n}{Path(ref.path).suffix}"
+        if ref.key in blocked:
+            _withdraw(ctx, target)
+            continue
         if signing is not None:
             with ctx.store.sessions() as s:
                 manifest, ingredients = credentials.final_credentials(s, ctx.store.files.path, ref.key, target.name)

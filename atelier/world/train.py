@@ -346,11 +346,10 @@ def load_trained_vae(run: Run) -> Any:
     vae = vae.to(run.device).eval().requires_grad_(False)
     rec = run.record.setdefault("vae", {})
     if "scaling_factor" not in rec:
-        images, _, _ = data.scene_batch(64, data.step_rng(run.seed, "vae-scale", 0), run.s.vae_image, run.s.vae_image)
+        x = _held_out_pixels(run)
         with torch.no_grad():
-            x = _pixels(run, images)
             z = vae.encode(x).latent_dist.sample()
-            rec["psnr_db"] = float(10 * torch.log10(4 / ((vae.decode(z).sample.clamp(-1, 1) - x) ** 2).mean()))
+            rec["psnr_db"] = _psnr(vae.decode(z).sample, x)
         rec["scaling_factor"] = float(1 / z.std())
         run.save_record()
     vae.register_to_config(scaling_factor=rec["scaling_factor"])
@@ -361,14 +360,23 @@ def load_trained_vae(run: Run) -> Any:
     return vae
 
 
-def _vae_psnr(run: Run, vae: Any) -> float:
-    """Round-trip PSNR (dB) on 64 held-out renders (the batch ``load_trained_vae`` measures on)."""
-    torch = run.torch
+def _held_out_pixels(run: Run):
+    """64 renders no training batch holds (the VAE's scale and PSNR are measured on them)."""
     images, _, _ = data.scene_batch(64, data.step_rng(run.seed, "vae-scale", 0), run.s.vae_image, run.s.vae_image)
-    with torch.no_grad():
-        x = _pixels(run, images)
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-    return float(10 * torch.log10(4 / ((y - x) ** 2).mean()))
+    return _pixels(run, images)
+
+
+def _psnr(y: Any, x: Any) -> float:
+    """PSNR (dB) of ``y`` (clamped to [-1, 1]) against ``x``, both in [-1, 1]."""
+    mse = ((y.clamp(-1, 1) - x) ** 2).mean()
+    return float(10 * (4 / mse).log10())
+
+
+def _vae_psnr(run: Run, vae: Any) -> float:
+    """Round-trip PSNR (dB) through the posterior mean, on the held-out renders."""
+    x = _held_out_pixels(run)
+    with run.torch.no_grad():
+        return _psnr(vae.decode(vae.encode(x).latent_dist.mean).sample, x)
 
 
 def train_vae_decoder(run: Run) -> None:
